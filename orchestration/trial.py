@@ -1,0 +1,318 @@
+"""One sweep trial as a Ray Tune function trainable: config, training, reports, checkpoints, MLflow.
+
+`trial_main(config, manifest, tracking)` builds the trial's training config (base + manifest overrides
++ the sampled parameters + the seed), resolves s3:// data roots and weights to a node-local cache, and
+runs `s4mc.train.run_training` with two callbacks: a `TrialTracker` (MLflow) and a `RayReporter` that
+calls `tune.report(metrics, checkpoint=...)` once per evaluation. The trainer writes its checkpoint
+after `on_eval`, so the report happens in `on_checkpoint`: the reported Ray checkpoint then holds the
+`last.pt` of the very step whose metrics it carries, and Ray copies it to the sweep's storage (local or
+S3) inside the report. On a restart (a retried failure or a restored sweep) the Ray checkpoint is
+copied back into the run folder and the trainer resumes exactly from `checkpoints/last.pt`; Ray's
+checkpoint is the source of truth, so local files newer than it are dropped and Ray's iteration count
+always equals the trainer's evaluation count.
+
+Several `seeds` train in lockstep: each seed's run trains to its next evaluation and stops there
+(`StopTraining` after the checkpoint), the trial reports the mean over seeds, and the next round
+resumes every run from its checkpoint. ASHA stops a trial inside `tune.report` (platform-notes.md):
+the MLflow run is closed in `finally`, and final artifacts are logged before the last report.
+
+`resources_per_trial.gpu > 1` trains data-parallel: the trial drives a Ray Train `TorchTrainer` with
+that many GPU workers; Ray Train sets up torch.distributed and the trainer wraps its student in DDP
+(s4mc/train/loop.py). Rank 0 reports metrics with the checkpoint, the other ranks metrics only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from orchestration.manifest import Manifest
+from orchestration.search import NUMBER_KEY, PROGRESS_KEY
+from s4mc.config import load_config
+from s4mc.train import StopTraining, run_training
+
+CKPT_FILES = ("last.pt", "best.pt")
+RUN_FILES = ("metrics.jsonl", "train.csv", "eval.csv")  # small; keep the run folder whole on another node
+
+
+def trial_key(sweep: str, config: dict) -> str:
+    """Stable across retries and restores: the sweep name and the Optuna trial number."""
+    return f"{sweep}-t{int(config[NUMBER_KEY]):03d}"
+
+
+def sampled_params(config: dict) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k != NUMBER_KEY}
+
+
+def _dotted(key: str, value: Any) -> dict:
+    node: Any = value
+    for part in reversed(key.split(".")):
+        node = {part: node}
+    return node
+
+
+def _resolve_uris(cfg: DictConfig) -> None:
+    # s4mc/ never imports boto3: object-store URIs become node-local paths here (orchestration/storage.py).
+    keys = [k for k in ("data.root", "model.pretrained")
+            if str(OmegaConf.select(cfg, k) or "").startswith("s3://")]
+    if not keys:
+        return
+    from orchestration.storage import resolve_local
+
+    cache = Path(os.environ.get("S4MC_CACHE", Path.home() / ".cache" / "s4mc"))
+    for k in keys:
+        OmegaConf.update(cfg, k, str(resolve_local(OmegaConf.select(cfg, k), cache)))
+
+
+def build_trial_config(m: Manifest, params: dict[str, Any], seed: int, run_dir: Path, name: str) -> DictConfig:
+    """Base + manifest overrides + sampled parameters + seed + run folder, validated by the schema."""
+    cfg = load_config(m.base, overrides=list(m.overrides))
+    threads = [] if any(o.startswith("train.threads=") for o in m.overrides) else [
+        # One torch thread per reserved CPU: trials share the machine (platform-notes.md).
+        _dotted("train.threads", max(1, math.ceil(m.resources_per_trial.cpu)))]
+    layers = [_dotted(k, v) for k, v in params.items()] + threads + [
+        _dotted("train.seed", int(seed)), _dotted("train.progress", False),
+        _dotted("run.name", name), _dotted("run.dir", str(run_dir))]
+    cfg = load_config(None, base=OmegaConf.merge(cfg, *layers))
+    _resolve_uris(cfg)
+    return cfg
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)  # checkpoints are large: no second copy on disk
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def restore_runs(runs: dict[int, Path], get_checkpoint) -> None:
+    """Puts the Ray checkpoint (if any) back into each seed's run folder; drops newer local files."""
+    for run_dir in runs.values():
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    checkpoint = get_checkpoint()
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as src:
+        for seed, run_dir in runs.items():
+            saved = Path(src) / f"seed_{seed}"
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            for name in CKPT_FILES + RUN_FILES:
+                if (saved / name).is_file():
+                    dst = run_dir / "checkpoints" / name if name in CKPT_FILES else run_dir / name
+                    shutil.copy2(saved / name, dst)
+
+
+class RayReporter:
+    """Reports one row per evaluation to Tune, with a checkpoint of every seed's run folder."""
+
+    def __init__(self, key: str, trial_dir: Path, runs: dict[int, Path], report_fn, checkpoint_cls,
+                 tracker=None, rank: int = 0):
+        self.key, self.trial_dir, self.runs, self.report_fn = key, trial_dir, runs, report_fn
+        self.checkpoint_cls = checkpoint_cls
+        self.tracker, self.rank = tracker, rank
+        self.total, self.start_step, self.pending = 0, 0, None
+        self.segment_start = time.time()  # training time = report-free segments (orchestration/results.py)
+        from ray.util import get_node_ip_address
+
+        self.node_ip = get_node_ip_address()
+
+    # trainer callbacks (single seed) ---------------------------------------------------------
+    def on_train_start(self, info: dict) -> None:
+        self.total, self.start_step = int(info["total_steps"]), int(info["start_step"])
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.pending = dict(metrics)
+        if self.rank != 0:  # only rank 0 writes checkpoints (s4mc/train/loop.py); others report now
+            self.report(step, self.pending, with_checkpoint=False)
+
+    def on_checkpoint(self, step: int, path: Path, is_best: bool) -> None:
+        self.report(step, self.pending or {})
+
+    # ----------------------------------------------------------------------------------------
+    def report(self, step: int, metrics: dict[str, float], with_checkpoint: bool = True) -> None:
+        row = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        row.update({"trial/step": step, "trial/total_steps": self.total,
+                    PROGRESS_KEY: step / max(self.total, 1), "trial/resumed_from": self.start_step,
+                    "trial/segment_start": self.segment_start, "trial/time": time.time(),
+                    "trial/node_ip": self.node_ip, "trial/key": self.key})
+        if step >= self.total and self.tracker is not None:
+            # ASHA / max_t may end the trial inside this report (platform-notes.md): log artifacts first.
+            self.tracker.finish("FINISHED")
+        if not with_checkpoint:
+            self.report_fn(row)
+            self.segment_start = time.time()
+            return
+        staging = self.trial_dir / f".report-{step}"
+        shutil.rmtree(staging, ignore_errors=True)
+        for seed, run_dir in self.runs.items():
+            for name in CKPT_FILES:
+                if (run_dir / "checkpoints" / name).is_file():
+                    _link_or_copy(run_dir / "checkpoints" / name, staging / f"seed_{seed}" / name)
+            for name in RUN_FILES:
+                if (run_dir / name).is_file():
+                    _link_or_copy(run_dir / name, staging / f"seed_{seed}" / name)
+        (staging / "trial.json").write_text(json.dumps({"step": step, "key": self.key}))
+        try:
+            self.report_fn(row, checkpoint=self.checkpoint_cls.from_directory(str(staging)))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.segment_start = time.time()
+
+
+class _Round:
+    """Lockstep helper: records one seed's next evaluation and stops its run right after the checkpoint."""
+
+    def __init__(self, forward=None):
+        self.forward, self.step, self.metrics, self.info = forward, None, None, None
+
+    def on_train_start(self, info):
+        self.info = info
+
+    def on_step(self, step, metrics):
+        if self.forward is not None:
+            self.forward.on_step(step, metrics)
+
+    def on_eval(self, step, metrics):
+        self.step, self.metrics = step, dict(metrics)
+
+    def on_checkpoint(self, step, path, is_best):
+        raise StopTraining
+
+
+def _train_lockstep(cfgs: dict[int, DictConfig], runs: dict[int, Path], reporter: RayReporter,
+                    tracker) -> None:
+    first = True
+    while True:
+        rounds = {}
+        for i, (seed, cfg) in enumerate(cfgs.items()):
+            rounds[seed] = _Round(forward=tracker if i == 0 else None)
+            run_training(cfg, runs[seed], callbacks=[rounds[seed]], resume=True)
+        infos = [r.info for r in rounds.values()]
+        if first:
+            reporter.on_train_start(infos[0])
+            if tracker is not None and hasattr(tracker, "on_train_start"):
+                tracker.on_train_start(infos[0])
+            first = False
+        if any(r.step is None for r in rounds.values()):  # every run had already finished
+            return
+        step = next(iter(rounds.values())).step
+        keys = set.intersection(*(set(r.metrics) for r in rounds.values()))
+        mean = {k: sum(r.metrics[k] for r in rounds.values()) / len(rounds) for k in sorted(keys)}
+        if tracker is not None and hasattr(tracker, "on_eval"):
+            tracker.on_eval(step, mean)
+        reporter.report(step, mean)
+        if step >= reporter.total:
+            return
+
+
+class _Tracked:
+    """The MLflow tracker as a trainer callback whose run may already be closed by the final report.
+
+    RayReporter closes the run (artifacts included) before the last `tune.report`; if the trial lives on
+    past it, the trainer's `on_train_end` then only adds the summary instead of uploading everything twice.
+    """
+
+    def __init__(self, tracker):
+        self.tracker = tracker
+
+    def __getattr__(self, hook):
+        return getattr(self.tracker, hook)
+
+    def on_train_end(self, summary):
+        if not self.tracker.ended:
+            self.tracker.on_train_end(summary)
+            return
+        self.tracker._log_summary(summary)  # noqa: SLF001 (same package; no public summary-only call)
+
+
+def _tracker(m: Manifest, tracking: dict | None, key: str, number: int, cfg: DictConfig,
+             params: dict[str, Any]):
+    if not tracking:
+        return None
+    from orchestration.tracking import TrialTracker
+
+    tags = {"sweep_name": m.name, "optuna_trial": number, **{f"param.{k}": v for k, v in params.items()}}
+    prefix = f"{m.storage.rstrip('/')}/best/{key}" if m.storage.startswith("s3://") else None
+    return TrialTracker(tracking["uri"], tracking["experiment_id"], tracking["parent_run_id"], key, key, cfg,
+                        tags, checkpoint_prefix=prefix)
+
+
+def run_trial(config: dict, m: Manifest, tracking: dict | None, report_fn, get_checkpoint, checkpoint_cls,
+              rank: int = 0) -> None:
+    """The body shared by the plain and the data-parallel trial: train every seed, report each eval."""
+    key = trial_key(m.name, config)
+    params = sampled_params(config)
+    trial_dir = Path(m.work_dir) / key
+    # Ranks of one data-parallel trial may share a file system: only rank 0 writes its run folder, the
+    # others keep their own copy of the checkpoint to resume from.
+    suffix = f"-rank{rank}" if rank else ""
+    runs = {s: trial_dir / f"seed_{s}{suffix}" for s in m.seeds}
+    cfgs = {s: build_trial_config(m, params, s, runs[s], f"{key}-s{s}") for s in m.seeds}
+    restore_runs(runs, get_checkpoint)
+    tracker = _tracker(m, tracking, key, int(config[NUMBER_KEY]), cfgs[m.seeds[0]], params) if rank == 0 \
+        else None
+    reporter = RayReporter(key, trial_dir, runs, report_fn, checkpoint_cls, tracker, rank)
+    status = "FAILED"
+    try:
+        if len(m.seeds) == 1:
+            seed = m.seeds[0]
+            cbs = [_Tracked(tracker), reporter] if tracker is not None else [reporter]
+            run_training(cfgs[seed], runs[seed], callbacks=cbs, resume=True)
+        else:
+            _train_lockstep(cfgs, runs, reporter, tracker)
+        status = "FINISHED"
+    except SystemExit:  # Tune ends a stopped trial with sys.exit(0) inside report (ray/train session)
+        status = "FINISHED"
+        raise
+    finally:
+        if tracker is not None:
+            tracker.finish(status)
+
+
+def trial_main(config: dict, manifest: Manifest, tracking: dict | None = None) -> None:
+    """The Tune trainable (`tune.with_parameters(trial_main, manifest=..., tracking=...)`)."""
+    from ray import tune
+
+    if manifest.resources_per_trial.gpu > 1:
+        _data_parallel(config, manifest, tracking)
+        return
+    run_trial(config, manifest, tracking, tune.report, tune.get_checkpoint, tune.Checkpoint)
+
+
+def _ddp_worker(loop_config: dict) -> None:
+    import ray.train
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    run_trial(loop_config["config"], loop_config["manifest"], loop_config["tracking"], ray.train.report,
+              ray.train.get_checkpoint, ray.train.Checkpoint, rank)
+
+
+def _data_parallel(config: dict, m: Manifest, tracking: dict | None) -> None:
+    # Ray Train V2 inside a Tune trial: the trial only drives the TorchTrainer; its workers hold the GPUs.
+    # TuneReportCallback forwards rank 0's reports to this trial, so ASHA sees them like any other.
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestration.sweep import storage_filesystem
+
+    workers = int(m.resources_per_trial.gpu)
+    fs, path = storage_filesystem(m.storage)
+    trainer = TorchTrainer(
+        _ddp_worker, train_loop_config={"config": config, "manifest": m, "tracking": tracking},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=True,
+            resources_per_worker={"CPU": max(1.0, m.resources_per_trial.cpu / workers), "GPU": 1}),
+        run_config=ray.train.RunConfig(
+            name=f"ddp-{trial_key(m.name, config)}", storage_path=path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=m.retries), callbacks=[TuneReportCallback()]))
+    trainer.fit()

@@ -1,0 +1,329 @@
+"""The one typed configuration schema of a training run.
+
+Dataclasses define every key with its type and default; `OmegaConf.structured` turns them into a
+config that rejects unknown keys and wrong types. `load_config` merges, in order, the schema
+defaults, a YAML manifest and `key=value` command-line overrides, then `validate` checks choices and
+ranges that types alone cannot express. Every failure is one `ConfigError` line naming the key, the
+bad value and what is allowed, raised before anything runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration key has an unknown name, a wrong type or a value out of range."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    width: float = 1.0  # channel multiplier; < 1 gives the small CPU models of the embedded runs
+    deep_stem: bool = False  # three 3x3 stem convs, as the published ResNet-101 runs (method.md §7)
+    output_stride: int = 16
+    multi_grid: bool = False
+    aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18])  # method.md §7 (VOC, COCO)
+    head_channels: int = 256  # DeepLabV3+ ASPP/decoder width (Chen et al. 2018)
+    fp_dropout: float = 0.5  # UniMatch feature perturbation (method.md §5)
+    pretrained: str | None = None  # local path or s3:// URI in torchvision's key layout
+    pretrained_layout: str = "torchvision"  # or "deep_stem"
+
+
+@dataclass
+class EmbeddedDataConfig:
+    image_size: int = 64
+    num_train: int = 2000
+    num_val: int = 300
+    seed: int = 0  # generation seed: fixed, independent of the training seed
+
+
+@dataclass
+class DataConfig:
+    name: str = "embedded"  # embedded | pascal | cityscapes | coco
+    root: str | None = None  # data root: local path or s3:// URI (real data sets only)
+    split: str = "50"  # labeled split: "50" (embedded label count), "366", "1_16", ...
+    split_family: str = "unimatch"  # published split family for real data: unimatch | u2pl
+    crop_size: int = 64
+    scale_min: float = 0.5  # random scale 0.5-2.0 (method.md / UniMatch)
+    scale_max: float = 2.0
+    flip: bool = True
+    batch_size: int = 8  # labeled images per step (per process)
+    unlabeled_batch_size: int = 8
+    num_workers: int = 0
+    embedded: EmbeddedDataConfig = field(default_factory=EmbeddedDataConfig)
+
+
+@dataclass
+class HostConfig:
+    name: str = "cutmix_seg"  # supervised | cutmix_seg | fixmatch | unimatch
+    # The host's own fixed threshold, used whenever DPA is off. FixMatch's 0.95 on max probability
+    # (Sohn et al. 2020; method.md §4); UniMatch uses the same; we apply it to CutMix-Seg as well.
+    threshold: float = 0.95
+    threshold_confidence: str = "max"
+    unsup_weight: float = 1.0  # lambda in L = L_sup + lambda L_unsup (method.md §1)
+    ema_decay: float = 0.99  # mean-teacher tau (method.md §5)
+    cutmix_prob: float = 0.5  # FixMatch / UniMatch strong-view CutMix (method.md §5)
+    # UniMatch loss (L_x + w_s1 L_s1 + w_s2 L_s2 + w_fp L_fp) * scale (method.md §5); the S4MC paper's
+    # variant is w_s1 = w_s2 = 0.5, w_fp = 0.
+    w_s1: float = 0.25
+    w_s2: float = 0.25
+    w_fp: float = 0.5
+    loss_scale: float = 0.5
+
+
+@dataclass
+class S4MCConfig:
+    enabled: bool = True  # master switch: False = the host's true baseline (no refinement, no DPA)
+    refine: bool = True
+    dpa: bool = True
+    confidence: str = "margin"  # kappa for DPA (method.md §2; paper Table F.1: margin best)
+    neighbourhood: str = "3x3"  # paper Table 7 best
+    k: int = 1
+    beta: str = "one"
+    joint: str = "independent"
+    selection: str = "max"
+    alpha0: float = 0.4  # paper Table 6 best
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600  # optimisation steps (iterations); the schedule runs per step (method.md §4)
+    epochs: int | None = None  # if set, steps = epochs x ceil(len(pool) / batch) (published runs)
+    lr: float = 0.01
+    head_lr_mult: float = 10.0  # method.md §7 (VOC, COCO)
+    momentum: float = 0.9  # method.md §7
+    weight_decay: float = 1e-4  # method.md §7
+    poly_power: float = 0.9  # method.md §7
+    eval_every: int = 100
+    log_every: int = 10
+    keep_checkpoints: int = 1  # recent checkpoints kept besides best.pt
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    bf16: bool = True  # autocast to bfloat16 on CUDA only
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    progress: bool = True  # tqdm progress bar
+
+
+@dataclass
+class EvalConfig:
+    mode: str = "full"  # full | center_crop | sliding
+    crop_size: int = 0  # window / crop for center_crop and sliding; 0 = data.crop_size
+    stride_ratio: float = 0.6667  # sliding-window stride = 2/3 window (method.md §7, Cityscapes)
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
+    batch_size: int = 16
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    dir: str = "runs/${run.name}"  # the run folder (config, versions, metrics, checkpoints)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    host: HostConfig = field(default_factory=HostConfig)
+    s4mc: S4MCConfig = field(default_factory=S4MCConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# Choices and ranges that types cannot express. Kept as visible tables so `--help` and errors
+# can quote them.
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101", "xception65"),
+    "model.output_stride": (8, 16),
+    "model.pretrained_layout": ("torchvision", "deep_stem"),
+    "data.name": ("embedded", "pascal", "cityscapes", "coco"),
+    "data.split_family": ("unimatch", "u2pl"),
+    "host.name": ("supervised", "cutmix_seg", "fixmatch", "unimatch"),
+    "host.threshold_confidence": ("max", "entropy", "margin"),
+    "s4mc.confidence": ("max", "entropy", "margin"),
+    "s4mc.neighbourhood": ("4", "3x3", "5x5", "7x7"),
+    "s4mc.beta": ("one", "decay"),
+    "s4mc.joint": ("independent", "expected"),
+    "s4mc.selection": ("max", "min", "random"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "eval.mode": ("full", "center_crop", "sliding"),
+}
+
+# (low, high, low_inclusive, high_inclusive)
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "model.width": (0.0, 4.0, False, True),
+    "model.fp_dropout": (0.0, 1.0, True, False),
+    "model.head_channels": (8, 4096, True, True),
+    "data.crop_size": (8, 4096, True, True),
+    "data.scale_min": (0.0, 10.0, False, True),
+    "data.scale_max": (0.0, 10.0, False, True),
+    "data.batch_size": (1, 4096, True, True),
+    "data.unlabeled_batch_size": (1, 4096, True, True),
+    "data.num_workers": (0, 256, True, True),
+    "data.embedded.image_size": (16, 1024, True, True),
+    "data.embedded.num_train": (10, 1_000_000, True, True),
+    "data.embedded.num_val": (1, 1_000_000, True, True),
+    "host.threshold": (-1e9, 1e9, True, True),  # entropy-based kappa is negative; checked per kind below
+    "host.unsup_weight": (0.0, 1e6, True, True),
+    "host.ema_decay": (0.0, 1.0, True, True),
+    "host.cutmix_prob": (0.0, 1.0, True, True),
+    "host.w_s1": (0.0, 1e6, True, True),
+    "host.w_s2": (0.0, 1e6, True, True),
+    "host.w_fp": (0.0, 1e6, True, True),
+    "host.loss_scale": (0.0, 1e6, False, True),
+    "s4mc.k": (1, 48, True, True),
+    "s4mc.alpha0": (0.0, 1.0, True, True),
+    "train.steps": (1, 10**9, True, True),
+    "train.epochs": (1, 10**6, True, True),
+    "train.lr": (0.0, 10.0, False, True),
+    "train.head_lr_mult": (0.0, 1e4, False, True),
+    "train.momentum": (0.0, 1.0, True, False),
+    "train.weight_decay": (0.0, 1.0, True, True),
+    "train.poly_power": (0.0, 100.0, True, True),
+    "train.eval_every": (1, 10**9, True, True),
+    "train.log_every": (1, 10**9, True, True),
+    "train.keep_checkpoints": (1, 1000, True, True),
+    "train.threads": (0, 1024, True, True),
+    "eval.crop_size": (0, 8192, True, True),
+    "eval.stride_ratio": (0.0, 1.0, False, True),
+    "eval.batch_size": (1, 4096, True, True),
+}
+
+# Neighbour counts per neighbourhood: k cannot exceed them (method.md §3).
+NEIGHBOUR_COUNT = {"4": 4, "3x3": 8, "5x5": 24, "7x7": 48}
+
+
+def _get(cfg: DictConfig, dotted: str) -> Any:
+    return OmegaConf.select(cfg, dotted, throw_on_missing=True)
+
+
+def _fmt_range(lo: float, hi: float, lo_inc: bool, hi_inc: bool) -> str:
+    return f"{'[' if lo_inc else '('}{lo:g}, {hi:g}{']' if hi_inc else ')'}"
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks choices, ranges and cross-key rules; raises ConfigError naming the key."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            shown = ", ".join(str(a) for a in allowed)
+            raise ConfigError(f"{key}={value!r} is not allowed; expected one of: {shown}")
+    for key, (lo, hi, lo_inc, hi_inc) in RANGES.items():
+        value = _get(cfg, key)
+        if value is None:
+            continue
+        ok = (value >= lo if lo_inc else value > lo) and (value <= hi if hi_inc else value < hi)
+        if not ok or (isinstance(value, float) and math.isnan(value)):
+            raise ConfigError(f"{key}={value!r} is out of range; expected a value in "
+                              f"{_fmt_range(lo, hi, lo_inc, hi_inc)}")
+    if cfg.data.scale_min > cfg.data.scale_max:
+        raise ConfigError(f"data.scale_min={cfg.data.scale_min} exceeds data.scale_max={cfg.data.scale_max}")
+    n = NEIGHBOUR_COUNT[cfg.s4mc.neighbourhood]
+    if cfg.s4mc.k > n:
+        raise ConfigError(f"s4mc.k={cfg.s4mc.k} exceeds the {n} neighbours of "
+                          f"s4mc.neighbourhood={cfg.s4mc.neighbourhood!r}; expected 1..{n}")
+    if cfg.host.threshold_confidence in ("max", "margin") and not 0.0 <= cfg.host.threshold <= 1.0:
+        raise ConfigError(f"host.threshold={cfg.host.threshold} is out of range for "
+                          f"host.threshold_confidence={cfg.host.threshold_confidence!r}; expected [0, 1]")
+    if cfg.host.threshold_confidence == "entropy" and cfg.host.threshold > 0.0:
+        raise ConfigError(f"host.threshold={cfg.host.threshold} is out of range for entropy confidence "
+                          "(kappa = -H <= 0); expected a value <= 0")
+    if len(cfg.model.aspp_rates) != 3 or any(r < 1 for r in cfg.model.aspp_rates):
+        raise ConfigError(f"model.aspp_rates={list(cfg.model.aspp_rates)} is invalid; "
+                          "expected three positive dilation rates, e.g. [6, 12, 18]")
+    if not cfg.eval.scales or any(s <= 0 for s in cfg.eval.scales):
+        raise ConfigError(f"eval.scales={list(cfg.eval.scales)} is invalid; expected positive scales")
+    if cfg.train.eval_every % cfg.train.log_every:
+        # Checkpoints are written at evaluations; aligned log points keep resumed logs identical.
+        raise ConfigError(f"train.eval_every={cfg.train.eval_every} is not a multiple of "
+                          f"train.log_every={cfg.train.log_every}")
+    if cfg.data.name != "embedded" and not cfg.data.root:
+        raise ConfigError(f"data.root is required for data.name={cfg.data.name!r}; "
+                          "expected a local path or an s3:// URI")
+
+
+def schema() -> DictConfig:
+    return OmegaConf.structured(Config)
+
+
+def _merge(base: DictConfig, other: DictConfig | dict, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: key {key!r}: {msg}") from None
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    """`key=value` pairs (dotted keys, YAML values) into a config, failing on malformed pairs."""
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is malformed; expected key=value, e.g. s4mc.k=2")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"overrides: {str(exc).splitlines()[0]}") from None
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Reads a manifest; a top-level `extends: other.yaml` (relative to the file) is merged first."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors come in several classes
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if isinstance(loaded, ListConfig):
+        raise ConfigError(f"config file {path} holds a list; expected a mapping of config keys")
+    parent = loaded.pop("extends", None)
+    if parent is None:
+        return loaded
+    parent_path = (path.parent / str(parent)).resolve()
+    if parent_path in _seen:
+        raise ConfigError(f"config file {path}: `extends: {parent}` forms a cycle")
+    return OmegaConf.merge(read_yaml(parent_path, _seen + (parent_path,)), loaded)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: DictConfig | dict | None = None) -> DictConfig:
+    """Schema defaults <- `base` <- YAML file <- overrides, validated and resolved."""
+    cfg = schema()
+    if base is not None:
+        cfg = _merge(cfg, base, "base config")
+    if path is not None:
+        cfg = _merge(cfg, read_yaml(path), f"config file {path}")
+    if overrides:
+        cfg = _merge(cfg, parse_overrides(list(overrides)), "command-line override")
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config interpolation failed: {str(exc).splitlines()[0]}") from None
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted-key view of a config (MLflow params, tables)."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    out: dict[str, Any] = {}
+    for key, value in container.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out

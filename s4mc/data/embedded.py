@@ -1,0 +1,279 @@
+"""The embedded data set: cluttered RGB scenes of real handwritten digits, generated in seconds on CPU.
+
+Digits come from scikit-learn's ``load_digits`` (1,797 real 8 x 8 scans, UCI "Optical Recognition of
+Handwritten Digits"), shipped with scikit-learn, so no download is needed. Each scene has a smooth
+colour gradient, colour blotches, rectangles, ellipses, lines and digit-like curved strokes (all
+labelled background, so colour and stroke shape alone do not solve the task), then 1-4 digits pasted at
+random size, position and colour, later digits on top. Labels: 0 background, digit d -> d + 1.
+Validation scenes use only digit images held out from training scenes. Generation is a pure function
+of its arguments (per-scene ``numpy`` PCG64 streams), bit-identical across runs, and nothing is cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .base import TensorReader
+
+EMBEDDED_VERSION = 1  # bump when the generator's output changes; run records can cite it
+CLASS_NAMES = ["background"] + [str(d) for d in range(10)]
+SPLITS = ("25", "50", "100", "200", "all")  # labeled-image counts, like the published VOC splits
+VAL_FRACTION = 0.3  # ours: ~54 held-out scans per digit class keeps val digits varied
+DIGIT_THRESHOLD = 0.4  # ours: upscaled intensity (0..1) above which a pixel is "digit"; legible strokes
+_SPLIT_CODE = {"train": 0, "val": 1}
+
+
+@lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    # Scans are 0..16; a one-pixel zero border makes upscaled strokes fade out at the patch edge.
+    images = np.pad(d.images / 16.0, ((0, 0), (1, 1), (1, 1))).astype(np.float32)
+    return images, d.target.astype(np.int64)
+
+
+def digit_pools(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint (train, val) index arrays into ``load_digits``, stratified by class."""
+    _, target = _digits()
+    rng = np.random.default_rng([seed, 7919])
+    train, val = [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(target == c))
+        k = round(len(idx) * VAL_FRACTION)
+        val.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+@lru_cache(maxsize=64)
+def _interp(n_out: int, n_in: int) -> np.ndarray:
+    """``n_out x n_in`` bilinear resampling matrix (half-pixel centres, edge clamp)."""
+    x = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+    x0 = np.clip(np.floor(x), 0, n_in - 1).astype(int)
+    x1 = np.clip(x0 + 1, 0, n_in - 1)
+    w1 = np.clip(x - x0, 0.0, 1.0)
+    m = np.zeros((n_out, n_in), np.float32)
+    m[np.arange(n_out), x0] += 1 - w1
+    m[np.arange(n_out), x1] += w1
+    return m
+
+
+def _shape(s: int, kind: str, coords: list[float], width: int = 1) -> np.ndarray:
+    """Bool ``s x s`` mask of a polyline ("line", coords x0, y0, x1, y1, ...) or filled "ellipse".
+
+    Pillow rasterises in C; numpy distance maps per shape made generation several times slower.
+    """
+    canvas = Image.new("L", (s, s))
+    draw = ImageDraw.Draw(canvas)
+    if kind == "line":
+        draw.line(coords, fill=255, width=width, joint="curve")
+    else:
+        draw.ellipse(coords, fill=255)
+    return np.asarray(canvas) > 0
+
+
+def _polyline(points: np.ndarray) -> list[float]:
+    return points[:, ::-1].astype(float).ravel().tolist()  # (y, x) rows -> x0, y0, x1, y1, ...
+
+
+def _paint(img: np.ndarray, mask: np.ndarray, colour: np.ndarray) -> None:
+    img[mask] = colour  # boolean indexing touches only the shape's pixels
+
+
+def _blend(img: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> None:
+    a = alpha[..., None]
+    img *= 1 - a
+    img += a * colour
+
+
+def _curve(rng: np.random.Generator, s: int, scale: float) -> np.ndarray:
+    """A digit-sized cubic Bezier or elliptic arc: stroke clutter that is not a digit."""
+    t = np.linspace(0, 1, 32)[:, None]
+    c = rng.uniform(0, s, 2)
+    if rng.random() < 0.5:
+        p = c + rng.uniform(-scale, scale, (4, 2))
+        return ((1 - t) ** 3 * p[0] + 3 * (1 - t) ** 2 * t * p[1] + 3 * (1 - t) * t ** 2 * p[2]
+                + t ** 3 * p[3])
+    a0 = rng.uniform(0, 2 * np.pi)
+    ang = a0 + t[:, 0] * rng.uniform(0.6, 1.7) * np.pi  # an open arc: a closed ring looks like "0"
+    r = rng.uniform(0.25, 0.5, 2) * scale
+    return np.stack([c[0] + r[0] * np.sin(ang), c[1] + r[1] * np.cos(ang)], 1)
+
+
+def _scene(rng: np.random.Generator, s: int, pool: np.ndarray, images: np.ndarray, target: np.ndarray,
+           grid: tuple[np.ndarray, np.ndarray], noise: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    yy, xx = grid
+    # Smooth gradient between two random colours in a random direction.
+    c0, c1 = rng.random(3, dtype=np.float32), rng.random(3, dtype=np.float32)
+    th = rng.uniform(0, 2 * np.pi)
+    # Python floats keep the arithmetic in float32 (a numpy float64 scalar would promote it).
+    u = float(np.cos(th)) * xx + float(np.sin(th)) * yy
+    u = (u - u.min()) / max(float(u.max() - u.min()), 1e-6)
+    img = c0 + (c1 - c0) * u[..., None]
+    # Low-frequency colour blotches: a coarse 4 x 4 field upsampled bilinearly.
+    m = _interp(s, 4)
+    coarse = rng.uniform(-0.25, 0.25, (3, 4, 4)).astype(np.float32)
+    img += (m @ coarse @ m.T).transpose(1, 2, 0)
+    for _ in range(rng.integers(2, 7)):  # rectangles, sometimes translucent
+        h, w = rng.integers(3, s // 2, 2)
+        y, x = rng.integers(0, s - h), rng.integers(0, s - w)
+        colour = rng.random(3, dtype=np.float32)
+        _blend(img[y:y + h, x:x + w], np.full((h, w), rng.uniform(0.5, 1.0), np.float32), colour)
+    for _ in range(rng.integers(1, 4)):  # ellipses
+        cy, cx = rng.uniform(0, s, 2)
+        ry, rx = rng.uniform(2, s / 5, 2)
+        _paint(img, _shape(s, "ellipse", [cx - rx, cy - ry, cx + rx, cy + ry]),
+               rng.random(3, dtype=np.float32))
+    for _ in range(rng.integers(1, 4)):  # straight lines
+        p = np.stack([rng.uniform(0, s, 2), rng.uniform(0, s, 2)])
+        _paint(img, _shape(s, "line", _polyline(p), int(rng.integers(1, 4))), rng.random(3, dtype=np.float32))
+    for _ in range(rng.integers(1, 4)):  # digit-like curved strokes, labelled background
+        p = _curve(rng, s, rng.uniform(0.2, 0.45) * s)
+        width = max(1, round(rng.uniform(1.6, 3.6) * s / 64))  # about a pasted digit's stroke width
+        _paint(img, _shape(s, "line", _polyline(p), width), rng.random(3, dtype=np.float32))
+    np.clip(img, 0, 1, out=img)
+
+    label = np.zeros((s, s), np.uint8)
+    used = []
+    for _ in range(rng.integers(1, 5)):
+        k = int(pool[rng.integers(len(pool))])
+        used.append(k)
+        # Digit height 14..30 px at s = 64, width 75-100% of it (the scans are roughly square).
+        h = int(rng.integers(round(0.22 * s), round(0.47 * s) + 1))
+        w = max(4, round(h * rng.uniform(0.75, 1.0)))
+        y, x = int(rng.integers(0, s - h + 1)), int(rng.integers(0, s - w + 1))
+        v = _interp(h, 10) @ images[k] @ _interp(w, 10).T
+        fg = v > DIGIT_THRESHOLD
+        alpha = np.clip((v - DIGIT_THRESHOLD) / 0.2 + 0.5, 0, 1)  # anti-aliased edge, >= 0.5 on fg
+        patch = img[y:y + h, x:x + w]
+        mean = patch.reshape(-1, 3).mean(0)
+        # A digit must stand out from what lies under it, or its label would be unlearnable.
+        cands = rng.random((16, 3), dtype=np.float32)
+        ok = np.flatnonzero(((cands - mean) ** 2).sum(1) > 0.25)  # colour distance > 0.5
+        colour = cands[ok[0]] if ok.size else (1.0 - np.round(mean)).astype(np.float32)
+        _blend(patch, alpha.astype(np.float32), colour)
+        label[y:y + h, x:x + w][fg] = target[k] + 1
+    # Sensor-like noise (ours: uniform, std ~0.03), a random window of a shared bank: drawing 12k
+    # fresh normals per scene cost more than the rest of the scene.
+    start = int(rng.integers(0, noise.size - img.size))
+    img += noise[start:start + img.size].reshape(img.shape)
+    return np.clip(img, 0, 1, out=img), label, used
+
+
+def _render(split: str, n: int, s: int, seed: int, pool: np.ndarray):
+    images, target = _digits()
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
+    imgs = np.empty((n, s, s, 3), np.float32)
+    labels = np.empty((n, s, s), np.uint8)
+    used: set[int] = set()
+    noise = np.random.default_rng([seed, 104729]).uniform(-0.05, 0.05, 1 << 20).astype(np.float32)
+    for i in range(n):
+        rng = np.random.default_rng([seed, _SPLIT_CODE[split], i])
+        imgs[i], labels[i], u = _scene(rng, s, pool, images, target, (yy, xx), noise)
+        used.update(u)
+    img_t = torch.from_numpy(np.round(imgs * 255).astype(np.uint8)).permute(0, 3, 1, 2).contiguous()
+    return TensorReader(img_t, torch.from_numpy(labels), name=f"embedded_{split}",
+                        class_names=CLASS_NAMES), np.array(sorted(used))
+
+
+@dataclass(frozen=True)
+class EmbeddedData:
+    """The embedded data set: ``train`` pool and ``val`` readers plus labeled-split resolution.
+
+    ``train_digits`` / ``val_digits``: disjoint ``load_digits`` indices each side may use;
+    ``used_digits``: the ones actually pasted, per side.
+    """
+
+    train: TensorReader
+    val: TensorReader
+    train_digits: np.ndarray
+    val_digits: np.ndarray
+    used_digits: dict[str, np.ndarray]
+    seed: int
+
+    def split_indices(self, num_labeled: int | str, seed: int = 0) -> tuple[list[int], list[int]]:
+        """(labeled, unlabeled) train indices; ``num_labeled`` is a name in ``SPLITS`` or a count.
+
+        Labeled sets are prefixes of one permutation drawn from ``seed``, so they are nested (the 25
+        are among the 50) like published splits; unlabeled is the rest of the pool.
+        """
+        n = len(self.train)
+        if isinstance(num_labeled, str):
+            if num_labeled not in SPLITS:
+                raise ValueError(f"split {num_labeled!r}: allowed {', '.join(SPLITS)} or a count 1..{n}")
+            k = n if num_labeled == "all" else int(num_labeled)
+        else:
+            k = int(num_labeled)
+        if not 1 <= k <= n:
+            raise ValueError(f"split {num_labeled!r}: allowed {', '.join(SPLITS)} or a count 1..{n}")
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(n, generator=g).tolist()
+        return sorted(perm[:k]), sorted(perm[k:])
+
+
+def make_embedded(image_size: int = 64, num_train: int = 2000, num_val: int = 300,
+                  seed: int = 0) -> EmbeddedData:
+    """Generate the embedded data set (~2 s for the defaults on one core; see tests/test_data.py).
+
+    Scene i of a split depends only on (seed, split, i, image_size), not on ``num_train`` /
+    ``num_val``: a smaller set is a prefix of a larger one.
+    """
+    if image_size < 32:
+        raise ValueError(f"image_size={image_size}: need >= 32 so that digits stay legible")
+    if num_train < 1 or num_val < 1:
+        raise ValueError(f"num_train={num_train}, num_val={num_val}: need >= 1 each")
+    train_pool, val_pool = digit_pools(seed)
+    train, used_train = _render("train", num_train, image_size, seed, train_pool)
+    val, used_val = _render("val", num_val, image_size, seed, val_pool)
+    return EmbeddedData(train, val, train_pool, val_pool, {"train": used_train, "val": used_val}, seed)
+
+
+# VOC colour map (Everingham et al.; the palette every segmentation repo renders masks with).
+def _palette(n: int = 256) -> np.ndarray:
+    pal = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = (r, g, b)
+    pal[255] = (255, 255, 255)
+    return pal
+
+
+def save_preview(path, n: int = 16, data: EmbeddedData | None = None, split: str = "train",
+                 zoom: int = 3, columns: int = 4) -> None:
+    """Write a PNG grid of ``n`` scenes, each as image | colourised mask, with a class legend."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split={split!r}: allowed 'train', 'val'")
+    data = data if data is not None else make_embedded(num_train=max(n, 1), num_val=max(n, 1))
+    reader = data.train if split == "train" else data.val
+    pal = _palette()
+    s = reader.read(0)[0].shape[-1] * zoom
+    gap, rows = 4, -(-n // columns)
+    legend_h = 20
+    sheet = Image.new("RGB", (columns * (2 * s + 3 * gap), rows * (s + gap) + gap + legend_h), "white")
+    for i in range(min(n, len(reader))):
+        img, mask = reader.read(i)
+        a = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((s, s), Image.NEAREST)
+        b = Image.fromarray(pal[mask.numpy()]).resize((s, s), Image.NEAREST)
+        r, c = divmod(i, columns)
+        x0, y0 = c * (2 * s + 3 * gap) + gap, r * (s + gap) + gap
+        sheet.paste(a, (x0, y0))
+        sheet.paste(b, (x0 + s + gap // 2, y0))
+    draw = ImageDraw.Draw(sheet)
+    x, y = gap, rows * (s + gap) + gap // 2
+    for k, name in enumerate(reader.class_names):
+        draw.rectangle([x, y + 3, x + 12, y + 15], fill=tuple(int(v) for v in pal[k]), outline="black")
+        draw.text((x + 16, y + 3), name, fill="black")
+        x += 16 + int(draw.textlength(name)) + 14
+    sheet.save(path)

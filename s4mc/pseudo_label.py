@@ -1,0 +1,157 @@
+"""Teacher probabilities -> pseudo-labels, keep mask and the ``pl/*`` statistics (method.md §3, §4, §6).
+
+The pseudo-label is always the argmax of the *unrefined* teacher probabilities; S4MC only decides
+which pixels are kept. The threshold gamma is either DPA's quantile of the unrefined confidence
+(method.md §4) or a fixed value (the host framework's own, e.g. FixMatch's 0.95 on max). A pixel is
+kept when its confidence -- of the refined scores if refinement is on, of the raw scores otherwise
+-- exceeds gamma. Refinement and DPA are independent switches, and with both off the labeler is
+exactly the host's fixed-threshold baseline (method.md §9). Both variants (with and without
+refinement) are evaluated from the same probabilities and the same gamma on every call, so one run
+yields the paper's Figure 4 curves (method.md §6). Everything stays on the device: the statistics
+are 0-dim tensors and nothing here synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .confidence import CONFIDENCE_KINDS, confidence
+from .refine import check_refine_options, refine
+from .threshold import DEFAULT_ALPHA0, alpha_schedule, dpa_threshold
+from .threshold import fixed_threshold as fixed_threshold_tensor
+
+STAT_KEYS = ("pl/quantity", "pl/quality", "pl/quantity_no_refine", "pl/quality_no_refine",
+             "pl/threshold", "pl/alpha")
+
+
+@dataclass
+class PseudoLabels:
+    """``label``: B x H x W int64 argmax of the unrefined probs; ``keep``: B x H x W bool;
+    ``stats``: ``pl/*`` name -> 0-dim float tensor on the probs' device."""
+
+    label: Tensor
+    keep: Tensor
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+class PseudoLabeler:
+    """S4MC pseudo-labelling with explicit switches (no global config is read).
+
+    refine_enabled / dpa_enabled: the two switches of paper Table 8.
+    confidence_kind: kappa used with DPA, for the quantile and for the keep test (default margin).
+    fixed_threshold / fixed_confidence_kind: gamma and kappa used whenever DPA is off.
+    alpha0: DPA's initial quantile (method.md §4). neighbourhood, k, beta, joint, selection,
+    cooccurrence, clamp_joint: passed to ``refine`` (method.md §3). ignore_index: ground-truth value
+    excluded from the quality statistic.
+    """
+
+    def __init__(
+        self,
+        *,
+        refine_enabled: bool = True,
+        dpa_enabled: bool = True,
+        confidence_kind: str = "margin",
+        fixed_threshold: float = 0.95,
+        fixed_confidence_kind: str = "max",
+        alpha0: float = DEFAULT_ALPHA0,
+        neighbourhood: str = "3x3",
+        k: int = 1,
+        beta: str = "one",
+        joint: str = "independent",
+        selection: str = "max",
+        cooccurrence: Tensor | None = None,
+        clamp_joint: bool = True,
+        ignore_index: int = 255,
+    ) -> None:
+        kinds = (("confidence_kind", confidence_kind), ("fixed_confidence_kind", fixed_confidence_kind))
+        for name, kind in kinds:
+            if kind not in CONFIDENCE_KINDS:
+                raise ValueError(f"PseudoLabeler {name}={kind!r} is not one of {CONFIDENCE_KINDS}")
+        alpha_schedule(alpha0, 0.0)  # validates alpha0 in [0, 1]
+        fixed_threshold_tensor(fixed_threshold)  # validates the value
+        # The refined variant is computed even when refinement is off (for pl/quantity), so its
+        # options must be valid either way.
+        check_refine_options(neighbourhood, k, beta, joint, selection, cooccurrence)
+        self.refine_enabled = bool(refine_enabled)
+        self.dpa_enabled = bool(dpa_enabled)
+        self.confidence_kind = confidence_kind
+        self.fixed_threshold = float(fixed_threshold)
+        self.fixed_confidence_kind = fixed_confidence_kind
+        self.alpha0 = float(alpha0)
+        self.refine_options = dict(neighbourhood=neighbourhood, k=k, beta=beta, joint=joint,
+                                   selection=selection, cooccurrence=cooccurrence, clamp_joint=clamp_joint)
+        self.ignore_index = int(ignore_index)
+
+    @property
+    def active_kind(self) -> str:
+        """The confidence function that decides ``keep`` (DPA's kind, or the fixed threshold's)."""
+        return self.confidence_kind if self.dpa_enabled else self.fixed_confidence_kind
+
+    def __call__(
+        self,
+        probs: Tensor,
+        valid: Tensor,
+        progress: float,
+        gt: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> PseudoLabels:
+        """Pseudo-labels of teacher ``probs`` (B x C x H x W) on pixels ``valid`` (B x H x W bool).
+
+        progress = t / T in [0, 1] drives alpha_t. ``gt`` (B x H x W, optional) is used only for the
+        quality statistics, never for the labels. ``generator`` feeds random neighbour selection.
+        """
+        if not isinstance(probs, Tensor) or probs.dim() != 4:
+            raise ValueError("PseudoLabeler probs must be a B x C x H x W tensor, got "
+                             f"{getattr(probs, 'shape', type(probs))}")
+        B, _, H, W = probs.shape
+        if not isinstance(valid, Tensor) or valid.dtype != torch.bool or tuple(valid.shape) != (B, H, W):
+            raise ValueError(f"PseudoLabeler valid must be a bool tensor of shape {(B, H, W)}, "
+                             f"got {getattr(valid, 'dtype', None)} {tuple(getattr(valid, 'shape', ()))}")
+        if gt is not None and tuple(gt.shape) != (B, H, W):
+            raise ValueError(f"PseudoLabeler gt must have shape {(B, H, W)}, got {tuple(gt.shape)}")
+        alpha_t = alpha_schedule(self.alpha0, progress)
+        # Pseudo-labels are targets: no gradient may flow back into the teacher's output.
+        with torch.no_grad():
+            kind = self.active_kind
+            label = probs.argmax(dim=1)
+            kappa_raw = confidence(probs, kind)
+            if self.dpa_enabled:
+                gamma = dpa_threshold(kappa_raw, valid, alpha_t)  # unrefined scores (method.md §4, §9)
+                alpha_stat = torch.tensor(alpha_t, dtype=torch.float32, device=probs.device)
+            else:
+                gamma = fixed_threshold_tensor(self.fixed_threshold, probs.device, kappa_raw.dtype)
+                # NaN, not 0: alpha_t = 0 would claim "DPA keeps everything", while DPA is not used.
+                alpha_stat = torch.tensor(math.nan, dtype=torch.float32, device=probs.device)
+            # Padded / ignored pixels are nobody's neighbour: their teacher output is meaningless.
+            refined = refine(probs, valid=valid, generator=generator, **self.refine_options)
+            kappa_ref = confidence(refined, kind)
+            keep_ref = (kappa_ref > gamma) & valid
+            keep_raw = (kappa_raw > gamma) & valid
+            keep = keep_ref if self.refine_enabled else keep_raw
+            stats = {
+                "pl/quantity": _quantity(keep_ref, valid),
+                "pl/quality": self._quality(label, keep_ref, gt),
+                "pl/quantity_no_refine": _quantity(keep_raw, valid),
+                "pl/quality_no_refine": self._quality(label, keep_raw, gt),
+                "pl/threshold": gamma.float(),
+                "pl/alpha": alpha_stat,
+            }
+        return PseudoLabels(label=label, keep=keep, stats=stats)
+
+    def _quality(self, label: Tensor, keep: Tensor, gt: Tensor | None) -> Tensor:
+        """Accuracy of the kept labels against gt on kept, non-ignored pixels; NaN if none / no gt."""
+        if gt is None:
+            return torch.tensor(math.nan, dtype=torch.float32, device=label.device)
+        measured = keep & (gt != self.ignore_index)
+        correct = measured & (label == gt)
+        # 0 / 0 = NaN in floating point: "nothing to measure" without a host-side branch.
+        return correct.sum().float() / measured.sum().float()
+
+
+def _quantity(keep: Tensor, valid: Tensor) -> Tensor:
+    """Kept fraction of the valid pixels (method.md §6); NaN when no pixel is valid."""
+    return keep.sum().float() / valid.sum().float()

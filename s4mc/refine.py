@@ -1,0 +1,225 @@
+"""Confidence refinement with marginal contextual information, the core of S4MC (method.md §3).
+
+For every pixel u and every class c **separately**, the score p_c(u) is raised towards the
+probability that u *or* one of its neighbours v has class c: with the neighbours of u ranked per
+class by the chosen rule, the update p~ <- p~ + beta_v * (p_c(v) - J(p~, p_c(v))) is applied for the
+top k of them, starting from p~ = p. With the defaults (3x3 window, k = 1, beta = 1, independent
+joint, max selection) this is the paper's p~_c(u) = max_v [p_c(u) + p_c(v) - p_c(u) p_c(v)].
+The implementation streams over the neighbour offsets and keeps only a running top-k per class
+(k slots of key, neighbour score and weight), so memory is O(k * B*C*H*W) and never the
+O(N * B*C*H*W) of stacking all N shifted copies (N = 48 for 7x7). Neighbours outside the image or
+where ``valid`` is False do not exist: they are never selected and never count as probability 0.
+``estimate_cooccurrence`` measures E_c, the probability that a neighbour of a class-c pixel is also
+class c, from labelled masks; it feeds the "expected" joint of any data set (method.md §3).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# method.md §3; the first entry of each tuple is the paper default (paper Table 7).
+NEIGHBOURHOODS = ("3x3", "4", "5x5", "7x7")
+BETAS = ("one", "decay")
+JOINTS = ("independent", "expected")
+SELECTIONS = ("max", "min", "random")
+
+_RADIUS = {"3x3": 1, "5x5": 2, "7x7": 3}
+
+
+def neighbour_offsets(neighbourhood: str) -> list[tuple[int, int]]:
+    """(dy, dx) offsets of the neighbourhood, centre excluded, in a fixed row-major order."""
+    if neighbourhood not in NEIGHBOURHOODS:
+        raise ValueError(f"neighbourhood={neighbourhood!r} is not one of {NEIGHBOURHOODS}")
+    if neighbourhood == "4":
+        return [(-1, 0), (0, -1), (0, 1), (1, 0)]
+    r = _RADIUS[neighbourhood]
+    return [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1) if (dy, dx) != (0, 0)]
+
+
+def neighbour_weight(dy: int, dx: int, beta: str) -> float:
+    """beta_v of method.md §3: 1, or exp(-d^2 / 2) with d the Euclidean pixel distance."""
+    if beta == "one":
+        return 1.0
+    if beta == "decay":
+        return math.exp(-(dy * dy + dx * dx) / 2.0)
+    raise ValueError(f"beta={beta!r} is not one of {BETAS}")
+
+
+def check_refine_options(
+    neighbourhood: str = "3x3",
+    k: int = 1,
+    beta: str = "one",
+    joint: str = "independent",
+    selection: str = "max",
+    cooccurrence: Tensor | None = None,
+) -> None:
+    """Raise ValueError naming the first bad refinement option (shared with PseudoLabeler)."""
+    offsets = neighbour_offsets(neighbourhood)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(offsets):
+        raise ValueError(f"k={k!r} must be an int in 1..{len(offsets)} for neighbourhood {neighbourhood!r}")
+    if beta not in BETAS:
+        raise ValueError(f"beta={beta!r} is not one of {BETAS}")
+    if joint not in JOINTS:
+        raise ValueError(f"joint={joint!r} is not one of {JOINTS}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r} is not one of {SELECTIONS}")
+    if joint == "expected" and cooccurrence is None:
+        raise ValueError("joint='expected' needs cooccurrence (a length-C tensor E_c, "
+                         "see estimate_cooccurrence)")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half precision cannot resolve 1 - p near 1; float64 input (tests, references) stays exact.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def refine(
+    probs: Tensor,
+    *,
+    neighbourhood: str = "3x3",
+    k: int = 1,
+    beta: str = "one",
+    joint: str = "independent",
+    selection: str = "max",
+    cooccurrence: Tensor | None = None,
+    valid: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    clamp_joint: bool = True,
+) -> Tensor:
+    """Refined class scores p~ (same shape and dtype as ``probs``, ``B x C x H x W``); method.md §3.
+
+    selection "max" / "min" rank the neighbours of each pixel per class by descending / ascending
+    neighbour score; "random" ranks them in a uniformly random order drawn from ``generator``
+    (one order per pixel, shared by its classes: the ablation picks random *neighbours*).
+    joint "expected" uses J = max(p q, p E_c) with ``cooccurrence`` = E_c; with ``clamp_joint`` (our
+    default) J is also capped at q, the Frechet bound of a joint probability, without which
+    p E_c > q would *lower* p~ (contradicting "refinement never lowers a class score", §3).
+    ``valid`` (``B x H x W`` bool): pixels where it is False are no one's neighbour (padding).
+    """
+    if not isinstance(probs, Tensor) or probs.dim() != 4 or not probs.is_floating_point():
+        desc = f"{tuple(probs.shape)} {probs.dtype}" if isinstance(probs, Tensor) else type(probs).__name__
+        raise ValueError(f"refine probs must be a floating B x C x H x W tensor, got {desc}")
+    check_refine_options(neighbourhood, k, beta, joint, selection, cooccurrence)
+    B, C, H, W = probs.shape
+    device, dtype = probs.device, _compute_dtype(probs.dtype)
+    if valid is not None and (valid.dtype != torch.bool or tuple(valid.shape) != (B, H, W)):
+        raise ValueError(f"refine valid must be a bool tensor of shape {(B, H, W)}, "
+                         f"got {valid.dtype} {tuple(valid.shape)}")
+    E = None
+    if joint == "expected":
+        E = torch.as_tensor(cooccurrence).to(device=device, dtype=dtype)
+        if E.shape != (C,):
+            raise ValueError(f"refine cooccurrence must have shape ({C},), got {tuple(E.shape)}")
+        E = E.view(1, C, 1, 1)
+
+    p = probs.to(dtype)
+    offsets = neighbour_offsets(neighbourhood)
+    r = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    # One padded copy of p: every shifted neighbour map below is then a view, not a copy. The pad
+    # value never matters because exists() is False there.
+    p_pad = torch.nn.functional.pad(p, (r, r, r, r))
+    exists_pad = torch.zeros((B, 1, H + 2 * r, W + 2 * r), dtype=torch.bool, device=device)
+    exists_pad[:, 0, r:r + H, r:r + W] = True if valid is None else valid
+
+    # Running top-k, sorted by descending key: slot i holds the (i+1)-th selected neighbour's key,
+    # score q and weight beta (0 = "no neighbour", so the update below is a no-op for it).
+    # Random keys are one per pixel (shared by all classes), so its slots can stay B x 1 x H x W.
+    key_shape = (B, 1, H, W) if selection == "random" else (B, C, H, W)
+    neg_inf = torch.tensor(-math.inf, dtype=dtype, device=device)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    slot_key = [torch.full(key_shape, -math.inf, dtype=dtype, device=device) for _ in range(k)]
+    slot_q = [torch.zeros((B, C, H, W), dtype=dtype, device=device) for _ in range(k)]
+    slot_b = [torch.zeros(key_shape, dtype=dtype, device=device) for _ in range(k)]
+    gen_device = generator.device if generator is not None else device
+
+    for dy, dx in offsets:
+        q = p_pad[:, :, r + dy:r + dy + H, r + dx:r + dx + W]
+        exists = exists_pad[:, :, r + dy:r + dy + H, r + dx:r + dx + W]
+        if selection == "random":
+            # Drawn for every offset whether or not it exists, so the random stream (and with it the
+            # result) depends only on the shape and the generator state.
+            raw = torch.rand(key_shape, generator=generator, device=gen_device, dtype=torch.float32)
+            key = torch.where(exists, raw.to(device=device, dtype=dtype), neg_inf)
+        else:
+            key = torch.where(exists, q if selection == "max" else -q, neg_inf)
+        weight = torch.tensor(neighbour_weight(dy, dx, beta), dtype=dtype, device=device)
+        b = torch.where(exists, weight, zero)
+        # Insertion into the sorted slots. Strict ">" keeps the earlier offset on ties, which makes
+        # the order deterministic; a displaced entry moves down to compete for the next slot.
+        for i in range(k):
+            swap = key > slot_key[i]
+            new_key = torch.where(swap, key, slot_key[i])
+            new_q = torch.where(swap, q, slot_q[i])
+            new_b = torch.where(swap, b, slot_b[i])
+            if i + 1 < k:
+                key = torch.where(swap, slot_key[i], key)
+                q = torch.where(swap, slot_q[i], q)
+                b = torch.where(swap, slot_b[i], b)
+            slot_key[i], slot_q[i], slot_b[i] = new_key, new_q, new_b
+    del slot_key, p_pad, exists_pad
+
+    out = p
+    for q, b in zip(slot_q, slot_b, strict=True):
+        joint_prob = out * q
+        if E is not None:
+            joint_prob = torch.maximum(joint_prob, out * E)
+            if clamp_joint:
+                pass
+        out = out + b * (q - joint_prob)
+    return out.to(probs.dtype)
+
+
+def _as_label_tensor(mask) -> Tensor:
+    t = torch.as_tensor(np.asarray(mask)) if not isinstance(mask, Tensor) else mask
+    if t.dim() not in (2, 3):
+        raise ValueError("estimate_cooccurrence masks must be H x W or B x H x W, "
+                         f"got shape {tuple(t.shape)}")
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise ValueError(f"estimate_cooccurrence masks must hold integer labels, got dtype {t.dtype}")
+    return t.long()
+
+
+def estimate_cooccurrence(
+    masks: Tensor | np.ndarray | Iterable,
+    num_classes: int,
+    neighbourhood: str = "3x3",
+    ignore_index: int = 255,
+) -> Tensor:
+    """E_c = P(a neighbour of a class-c pixel is class c), float32 tensor of length ``num_classes``.
+
+    ``masks``: one H x W or B x H x W label tensor / array, or an iterable of them (sizes may
+    differ). Counts of (pixel, neighbour) pairs are accumulated over all masks before dividing, so
+    large images weigh more, as in a pixel-level probability. Only pairs with both pixels inside the
+    image and neither equal to ``ignore_index`` count; a class never seen gets E_c = 0 (not NaN).
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"estimate_cooccurrence num_classes={num_classes!r} must be a positive int")
+    offsets = neighbour_offsets(neighbourhood)
+    if isinstance(masks, Tensor | np.ndarray):
+        masks = [masks]
+    total = torch.zeros(num_classes, dtype=torch.int64)
+    same = torch.zeros(num_classes, dtype=torch.int64)
+    for mask in masks:
+        m = _as_label_tensor(mask)
+        bad = (m != ignore_index) & ((m < 0) | (m >= num_classes))
+        if bool(bad.any()):
+            raise ValueError(f"estimate_cooccurrence: label {int(m[bad][0])} outside 0..{num_classes - 1} "
+                             f"and not ignore_index={ignore_index}")
+        H, W = m.shape[-2:]
+        for dy, dx in offsets:
+            # Centre pixels whose neighbour (y + dy, x + dx) lies inside the image.
+            y0, y1 = max(0, -dy), H - max(0, dy)
+            x0, x1 = max(0, -dx), W - max(0, dx)
+            if y1 <= y0 or x1 <= x0:
+                continue
+            a = m[..., y0:y1, x0:x1]
+            b = m[..., y0 + dy:y1 + dy, x0 + dx:x1 + dx]
+            ok = (a != ignore_index) & (b != ignore_index)
+            total += torch.bincount(a[ok], minlength=num_classes).cpu()
+            same += torch.bincount(a[ok & (a == b)], minlength=num_classes).cpu()
+    return torch.where(total > 0, same.double() / total.clamp(min=1).double(), 0.0).float()
