@@ -45,8 +45,7 @@ LOCK_ATTEMPTS, LOCK_BACKOFF_S = 8, 0.1
 SAMPLES_LOGGED = 4  # "a few" sample predictions: the newest ones
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 # Keys that must never reach MLflow: credentials live in the AWS chain only (orchestration/storage.py).
-SECRET_KEY = re.compile(r"secret|passw|token|credential|api[_-]?key|access[_-]?key|private[_-]?key|auth",
-                        re.IGNORECASE)
+SECRET_KEY = re.compile(r"secret|passw|token|credential|api[_-]?key|access[_-]?key|private[_-]?key|auth", re.I)
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")  # user:password@ inside URIs
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # MLflow's allowed key characters (validation.py)
 TAG_ROLE, TAG_SWEEP, TAG_TRIAL_KEY, TAG_PARENT = "s4mc.role", "sweep_name", "trial_key", "mlflow.parentRunId"
@@ -55,14 +54,14 @@ QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}  # plat
 
 def retry_locked(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Calls fn, retrying with backoff while the (SQLite) store reports "database is locked"."""
-    for attempt in range(LOCK_ATTEMPTS):
+    for attempt in range(LOCK_ATTEMPTS - 1):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            if "database is locked" not in str(exc) or attempt + 1 == LOCK_ATTEMPTS:
+            if "database is locked" not in str(exc):
                 raise
             time.sleep(LOCK_BACKOFF_S * 2**attempt * (0.5 + random.random()))
-    raise AssertionError("unreachable")
+    return fn(*args, **kwargs)
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -88,10 +87,6 @@ def configure(tracking_uri: str | None = None, project_dir: str | Path | None = 
     return tracking_uri
 
 
-def _client(tracking_uri: str | None) -> MlflowClient:
-    return MlflowClient(tracking_uri or mlflow.get_tracking_uri())
-
-
 def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
     """Absolute artifact location for a local SQLite store (platform-notes.md: otherwise a trial creates
     ./mlruns inside Ray's session directory); None lets a server or file store choose."""
@@ -101,10 +96,9 @@ def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
     return (db.resolve().parent / "artifacts" / slug).as_uri()
 
 
-def ensure_experiment(name: str, artifact_location: str | None = None,
-                      tracking_uri: str | None = None) -> str:
+def ensure_experiment(name: str, artifact_location: str | None = None, tracking_uri: str | None = None) -> str:
     """The id of experiment `name`, created (or restored from deleted) if needed. Call on the driver."""
-    client = _client(tracking_uri)
+    client = MlflowClient(tracking_uri)
     exp = retry_locked(client.get_experiment_by_name, name)
     if exp is None:
         location = artifact_location or default_artifact_location(client.tracking_uri, name)
@@ -125,13 +119,21 @@ def _quoted(value: str, what: str) -> str:
     return f"'{value}'"
 
 
+def find_run(client: MlflowClient, experiment_id: str, tags: Mapping[str, str]):
+    """The oldest run of the experiment carrying all these tag values, or None."""
+    filt = " and ".join(f"tags.`{k}` = {_quoted(v, k)}" for k, v in tags.items())
+    found = retry_locked(client.search_runs, [experiment_id], filter_string=filt, max_results=1,
+                         order_by=["attributes.start_time ASC"])
+    return found[0] if found else None
+
+
 def start_sweep_run(experiment: str, sweep_name: str, tags: Mapping[str, Any] | None = None,
                     tracking_uri: str | None = None) -> str:
     """The sweep's parent run id: reopens the run tagged with this sweep name, else creates it.
 
     experiment: an experiment name (created if missing) or an existing experiment id.
     """
-    client = _client(tracking_uri)
+    client = MlflowClient(tracking_uri)
     exp = retry_locked(client.get_experiment_by_name, experiment)
     if exp is None and experiment.isdigit():
         try:
@@ -139,13 +141,11 @@ def start_sweep_run(experiment: str, sweep_name: str, tags: Mapping[str, Any] | 
         except MlflowException:
             exp = None
     exp_id = exp.experiment_id if exp else ensure_experiment(experiment, tracking_uri=client.tracking_uri)
-    filt = f"tags.{TAG_SWEEP} = {_quoted(sweep_name, 'sweep_name')} and tags.`{TAG_ROLE}` = 'sweep'"
-    found = retry_locked(client.search_runs, [exp_id], filter_string=filt, max_results=1,
-                         order_by=["attributes.start_time ASC"])
+    found = find_run(client, exp_id, {TAG_SWEEP: sweep_name, TAG_ROLE: "sweep"})
     all_tags = {**_clean_tags(tags or {}), TAG_SWEEP: sweep_name, TAG_ROLE: "sweep"}
-    if not found:
+    if found is None:
         return retry_locked(client.create_run, exp_id, tags=all_tags, run_name=sweep_name).info.run_id
-    run_id = found[0].info.run_id
+    run_id = found.info.run_id
     retry_locked(client.update_run, run_id, status="RUNNING")
     _log_tags(client, run_id, all_tags)
     log.info("reusing sweep run %s for sweep %r", run_id, sweep_name)
@@ -155,7 +155,7 @@ def start_sweep_run(experiment: str, sweep_name: str, tags: Mapping[str, Any] | 
 def finish_run(run_id: str, status: str = "FINISHED", tracking_uri: str | None = None) -> None:
     """Ends any run (e.g. the sweep's parent) as FINISHED, FAILED or KILLED."""
     _check_status(status)
-    retry_locked(_client(tracking_uri).set_terminated, run_id, status=status)
+    retry_locked(MlflowClient(tracking_uri).set_terminated, run_id, status=status)
 
 
 def _check_status(status: str) -> None:
@@ -178,10 +178,13 @@ def _clean_tags(tags: Mapping[str, Any]) -> dict[str, str]:
             if v is not None and not SECRET_KEY.search(str(k))}
 
 
+def _batches(client: MlflowClient, run_id: str, field: str, items: list, size: int) -> None:
+    for i in range(0, len(items), size):  # MLflow caps the entities per log_batch request
+        retry_locked(client.log_batch, run_id, **{field: items[i:i + size]})
+
+
 def _log_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
-    items = [RunTag(k, v) for k, v in tags.items()]
-    for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-        retry_locked(client.log_batch, run_id, tags=items[i:i + MAX_PARAMS_TAGS_PER_BATCH])
+    _batches(client, run_id, "tags", [RunTag(k, v) for k, v in tags.items()], MAX_PARAMS_TAGS_PER_BATCH)
 
 
 def _number(value: Any) -> float | None:
@@ -283,13 +286,11 @@ class TrialTracker:
         """Creates the child run, or reuses the one tagged with this trial_key; returns its id."""
         if self.run_id is not None:
             return self.run_id
-        filt = f"tags.{TAG_TRIAL_KEY} = {_quoted(self.trial_key, 'trial_key')} and tags.`{TAG_ROLE}` = 'trial'" + (
-            f" and tags.`{TAG_PARENT}` = {_quoted(self.parent_run_id, 'parent')}" if self.parent_run_id else "")
-        found = retry_locked(self.client.search_runs, [self.experiment_id], filter_string=filt, max_results=1,
-                             order_by=["attributes.start_time ASC"])
+        identity = {k: v for k, v in ((TAG_ROLE, "trial"), (TAG_TRIAL_KEY, self.trial_key),
+                                      (TAG_PARENT, self.parent_run_id)) if v}
+        run = find_run(self.client, self.experiment_id, identity)
         existing: dict[str, str] = {}
-        if found:
-            run = found[0]
+        if run is not None:
             self.run_id, existing = run.info.run_id, dict(run.data.params)
             retry_locked(self.client.update_run, self.run_id, status="RUNNING")
             for kind in self._logged_up_to:
@@ -297,9 +298,7 @@ class TrialTracker:
             log.info("trial %s: reusing MLflow run %s (logged up to %s)", self.trial_key, self.run_id,
                      self._logged_up_to)
         else:
-            tags = {TAG_ROLE: "trial", TAG_TRIAL_KEY: self.trial_key, TAG_PARENT: self.parent_run_id}
-            tags = {k: v for k, v in tags.items() if v}
-            self.run_id = retry_locked(self.client.create_run, self.experiment_id, tags=tags,
+            self.run_id = retry_locked(self.client.create_run, self.experiment_id, tags=identity,
                                        run_name=self.trial_name).info.run_id
         self.ended = False
         params = config_params(self.cfg)
@@ -307,9 +306,8 @@ class TrialTracker:
             # MLflow params are immutable: the first values stay, and the log says which differ.
             log.warning("trial %s: params differ from the reused run (first values kept): %s",
                         self.trial_key, ", ".join(conflicts))
-        items = [Param(k, v) for k, v in params.items() if k not in existing]
-        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            retry_locked(self.client.log_batch, self.run_id, params=items[i:i + MAX_PARAMS_TAGS_PER_BATCH])
+        _batches(self.client, self.run_id, "params", [Param(k, v) for k, v in params.items() if k not in existing],
+                 MAX_PARAMS_TAGS_PER_BATCH)
         _log_tags(self.client, self.run_id, self._identity_tags())
         return self.run_id
 
@@ -336,9 +334,7 @@ class TrialTracker:
 
     def _max_logged_step(self, run, prefix: str) -> int:
         keys = sorted(k for k in run.data.metrics if k.startswith(prefix))
-        if not keys:
-            return -1
-        history = retry_locked(self.client.get_metric_history, self.run_id, keys[0])
+        history = retry_locked(self.client.get_metric_history, self.run_id, keys[0]) if keys else []
         return max((m.step for m in history), default=-1)
 
     def _end(self, status: str) -> None:
@@ -353,73 +349,60 @@ class TrialTracker:
         now = int(time.time() * 1000)
         items = [Metric(_key(k), num, now, step) for k, v in metrics.items()
                  if k != "step" and (num := _number(v)) is not None]
-        for i in range(0, len(items), MAX_METRICS_PER_BATCH):
-            retry_locked(self.client.log_batch, run_id, metrics=items[i:i + MAX_METRICS_PER_BATCH])
+        _batches(self.client, run_id, "metrics", items, MAX_METRICS_PER_BATCH)
 
     # -- artifacts --------------------------------------------------------------------------------
+    def _send(self, path: Path, dest: str, failures: list[str], always: bool = False) -> None:
+        """Logs a file as an artifact under dest ("" = the root), or uploads it when dest is an s3:// URI;
+        skipped when this file (same size and mtime) already went there."""
+        stat = path.stat()
+        mark, sig = (dest, str(path)), (stat.st_size, stat.st_mtime_ns)
+        if not always and self._sent.get(mark) == sig:
+            return
+        try:
+            if is_s3_uri(dest):
+                S3Storage().upload_file(path, dest)
+                _log_tags(self.client, self.run_id, {"best_checkpoint_uri": dest})
+            else:
+                retry_locked(self.client.log_artifact, self.run_id, str(path), dest or None)
+            self._sent[mark] = sig
+        except Exception as exc:  # one failed artifact must not lose the others (or end the trial)
+            failures.append(f"{path.name}: {exc}")
+
     def _log_artifacts(self, summary: Mapping[str, Any] | None) -> None:
-        run_id, rd = self.ensure_run(), self.run_dir
-        failures: list[str] = []
-
-        def put(path: Path, artifact_dir: str | None = None, always: bool = False) -> None:
-            stat = path.stat()
-            mark, sig = (artifact_dir or "", str(path)), (stat.st_size, stat.st_mtime_ns)
-            if not always and self._sent.get(mark) == sig:
-                return
-            try:
-                retry_locked(self.client.log_artifact, run_id, str(path), artifact_dir)
-                self._sent[mark] = sig
-            except Exception as exc:  # one failed artifact must not lose the others
-                failures.append(f"{path.name}: {exc}")
-
+        rd, failures = self.run_dir, []
+        self.ensure_run()
         with tempfile.TemporaryDirectory(prefix="s4mc-mlflow-") as tmp_name:
             tmp = Path(tmp_name)
             names = ("config.yaml", "summary.json", "versions.json", "train.csv", "eval.csv")
             files = {n: rd / n for n in names if rd and (rd / n).is_file()}
             if "config.yaml" not in files:  # no run folder yet (failed early): the config we were given
                 files["config.yaml"] = tmp / "config.yaml"
-                files["config.yaml"].write_text(to_yaml(self.cfg) if hasattr(self.cfg, "_metadata")
-                                                else json.dumps(self.cfg, indent=2, default=str))
+                files["config.yaml"].write_text(to_yaml(self.cfg))
             if "summary.json" not in files and summary is not None:
                 files["summary.json"] = tmp / "summary.json"
                 files["summary.json"].write_text(json.dumps(dict(summary), indent=2, default=str))
             for path in files.values():
-                put(path, always=path.parent == tmp)
+                self._send(path, "", failures, always=path.parent == tmp)
             for name, render, source in (("figure4.png", plots.figure4, "train.csv"),
                                          ("eval_curves.png", plots.curves, "eval.csv")):
                 if source in files:
                     try:
-                        put(render(files[source], tmp / name), "plots", always=True)
+                        self._send(render(files[source], tmp / name), "plots", failures, always=True)
                     except ValueError as exc:  # e.g. no pl/* columns for the supervised host
                         log.info("trial %s: %s not drawn: %s", self.trial_key, name, exc)
-            for png in self._sample_pngs():
-                put(png, "samples")
-            try:
-                self._log_best_checkpoint(put)
-            except Exception as exc:  # e.g. the S3 store is unreachable: the run still ends
-                failures.append(f"best checkpoint: {exc}")
+            pngs = (rd / "samples").glob("*.png") if rd else ()
+            # samples/step_<t>.png: the newest few by step number, whatever the zero padding
+            for png in sorted(pngs, key=lambda p: (int("0" + "".join(re.findall(r"\d", p.stem))), p.name))[
+                    -self.samples:] if self.samples else ():
+                self._send(png, "samples", failures)
+            # best.pt is the stable copy; the step_<t>.pt we were told about may have been rotated away.
+            best = next((p for p in (rd and rd / "checkpoints" / "best.pt", self._best_path) if p and p.is_file()),
+                        None)
+            if best is not None:
+                s3 = bool(self.checkpoint_prefix) and is_s3_uri(self.checkpoint_prefix)
+                self._send(best, f"{self.checkpoint_prefix}/best.pt" if s3 else "checkpoints", failures)
         if failures:
             text = "; ".join(failures)
             log.warning("trial %s: %d artifacts not logged: %s", self.trial_key, len(failures), text)
-            _log_tags(self.client, run_id, _clean_tags({"artifact_errors": text}))
-
-    def _sample_pngs(self) -> list[Path]:
-        pngs = (self.run_dir / "samples").glob("*.png") if self.run_dir else ()
-        # samples/step_<t>.png: the newest by step number, whatever the zero padding
-        return sorted(pngs, key=lambda p: (int("0" + "".join(re.findall(r"\d", p.stem))), p.name))[-self.samples:]
-
-    def _log_best_checkpoint(self, put: Callable[..., None]) -> None:
-        # best.pt is the stable copy; the step_<t>.pt we were told about may have been rotated away.
-        candidates = ([self.run_dir / "checkpoints" / "best.pt"] if self.run_dir else []) + (
-            [self._best_path] if self._best_path else [])
-        path = next((p for p in candidates if p.is_file()), None)
-        if path is None:
-            return
-        if not (self.checkpoint_prefix and is_s3_uri(self.checkpoint_prefix)):
-            put(path, "checkpoints")
-            return
-        mark, sig, uri = ("s3", str(path)), (path.stat().st_size, path.stat().st_mtime_ns), f"{self.checkpoint_prefix}/best.pt"
-        if self._sent.get(mark) != sig:
-            S3Storage().upload_file(path, uri)
-            self._sent[mark] = sig
-            _log_tags(self.client, self.ensure_run(), {"best_checkpoint_uri": uri})
+            _log_tags(self.client, self.run_id, _clean_tags({"artifact_errors": text}))

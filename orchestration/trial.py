@@ -118,23 +118,28 @@ class RayReporter:
         self.key, self.trial_dir, self.runs, self.report_fn = key, trial_dir, runs, report_fn
         self.checkpoint_cls = checkpoint_cls
         self.tracker, self.rank = tracker, rank
-        self.total, self.start_step, self.pending = 0, 0, None
+        self.total, self.start_step, self.pending, self.checkpointed = 0, 0, None, None
         self.segment_start = time.time()  # training time = report-free segments (orchestration/results.py)
         from ray.util import get_node_ip_address
 
         self.node_ip = get_node_ip_address()
 
-    # trainer callbacks (single seed) ---------------------------------------------------------
+    # trainer callbacks (single seed). One report per evaluation once both its metrics and its checkpoint
+    # exist; the order of on_eval / on_checkpoint is the trainer's business (s4mc/train/loop.py).
     def on_train_start(self, info: dict) -> None:
         self.total, self.start_step = int(info["total_steps"]), int(info["start_step"])
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        self.pending = dict(metrics)
-        if self.rank != 0:  # only rank 0 writes checkpoints (s4mc/train/loop.py); others report now
-            self.report(step, self.pending, with_checkpoint=False)
+        self.pending = (step, dict(metrics))
+        if self.rank != 0:  # only rank 0 writes checkpoints (s4mc/train/loop.py): the others report now
+            self.report(step, self.pending[1], with_checkpoint=False)
+        elif self.checkpointed == step:
+            self.report(step, self.pending[1])
 
     def on_checkpoint(self, step: int, path: Path, is_best: bool) -> None:
-        self.report(step, self.pending or {})
+        self.checkpointed = step
+        if self.pending is not None and self.pending[0] == step:
+            self.report(step, self.pending[1])
 
     # ----------------------------------------------------------------------------------------
     def report(self, step: int, metrics: dict[str, float], with_checkpoint: bool = True) -> None:
@@ -168,10 +173,10 @@ class RayReporter:
 
 
 class _Round:
-    """Lockstep helper: records one seed's next evaluation and stops its run right after the checkpoint."""
+    """Lockstep helper: records one seed's next evaluation and stops its run once it is checkpointed."""
 
     def __init__(self, forward=None):
-        self.forward, self.step, self.metrics, self.info = forward, None, None, None
+        self.forward, self.step, self.metrics, self.info, self.checkpointed = forward, None, None, None, None
 
     def on_train_start(self, info):
         self.info = info
@@ -182,9 +187,15 @@ class _Round:
 
     def on_eval(self, step, metrics):
         self.step, self.metrics = step, dict(metrics)
+        self._stop_if_done()
 
     def on_checkpoint(self, step, path, is_best):
-        raise StopTraining
+        self.checkpointed = step
+        self._stop_if_done()
+
+    def _stop_if_done(self):
+        if self.step is not None and self.step == self.checkpointed:
+            raise StopTraining
 
 
 def _train_lockstep(cfgs: dict[int, DictConfig], runs: dict[int, Path], reporter: RayReporter,

@@ -169,7 +169,7 @@ def refine(
         if E is not None:
             joint_prob = torch.maximum(joint_prob, out * E)
             if clamp_joint:
-                pass
+                joint_prob = torch.minimum(joint_prob, q)
         out = out + b * (q - joint_prob)
     return out.to(probs.dtype)
 

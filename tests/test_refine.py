@@ -9,7 +9,6 @@ import torch
 
 from s4mc.refine import BETAS, JOINTS, NEIGHBOURHOODS, SELECTIONS, estimate_cooccurrence, refine
 
-# ---------------------------------------------------------------------------------------------
 # An independent, deliberately slow reference: plain Python loops over images, pixels, classes and
 # neighbours, straight from the text of method.md §3.
 
@@ -18,12 +17,7 @@ def ref_offsets(neighbourhood):
     if neighbourhood == "4":
         return [(0, 1), (1, 0), (0, -1), (-1, 0)]
     r = {"3x3": 1, "5x5": 2, "7x7": 3}[neighbourhood]
-    out = []
-    for dy in range(-r, r + 1):
-        for dx in range(-r, r + 1):
-            if dy != 0 or dx != 0:
-                out.append((dy, dx))
-    return out
+    return [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1) if dy != 0 or dx != 0]
 
 
 def ref_existing(valid, b, y, x, neighbourhood):
@@ -76,7 +70,6 @@ def rand_valid(B, H, W, seed=0, frac=0.75):
 
 E3 = torch.tensor([0.9, 0.5, 0.1], dtype=torch.float64)
 
-# ---------------------------------------------------------------------------------------------
 # Reference comparison over every deterministic option combination.
 
 
@@ -114,7 +107,6 @@ def test_exported_option_names():
     assert set(SELECTIONS) == {"max", "min", "random"}
 
 
-# ---------------------------------------------------------------------------------------------
 # Hand-computed cases on a 3x3 image (class 0 below; class 1 = 1 - class 0).
 
 P0 = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6], [0.7, 0.8, 0.9]], dtype=torch.float64)
@@ -172,7 +164,6 @@ def test_hand_k2_max():
     assert out[0, 0, 1, 1].item() == pytest.approx(0.99)
 
 
-# ---------------------------------------------------------------------------------------------
 # Invariants (method.md §3, §9)
 
 
@@ -276,31 +267,22 @@ def test_dtypes(dtype):
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=0)
 
 
-def test_bad_options():
-    p = rand_probs(1, 3, 4, 4)
-    with pytest.raises(ValueError, match="neighbourhood"):
-        refine(p, neighbourhood="9x9")
-    with pytest.raises(ValueError, match="k="):
-        refine(p, neighbourhood="4", k=5)
-    with pytest.raises(ValueError, match="k="):
-        refine(p, k=0)
-    with pytest.raises(ValueError, match="beta"):
-        refine(p, beta="linear")
-    with pytest.raises(ValueError, match="joint"):
-        refine(p, joint="copula")
-    with pytest.raises(ValueError, match="selection"):
-        refine(p, selection="median")
-    with pytest.raises(ValueError, match="cooccurrence"):
-        refine(p, joint="expected")
-    with pytest.raises(ValueError, match="cooccurrence"):
-        refine(p, joint="expected", cooccurrence=torch.ones(4))
-    with pytest.raises(ValueError, match="valid"):
-        refine(p, valid=torch.ones(1, 4, 4))
+BAD_OPTIONS = [
+    ("neighbourhood", dict(neighbourhood="9x9")), ("k=", dict(neighbourhood="4", k=5)), ("k=", dict(k=0)),
+    ("beta", dict(beta="linear")), ("joint", dict(joint="copula")), ("selection", dict(selection="median")),
+    ("cooccurrence", dict(joint="expected")), ("cooccurrence", dict(joint="expected", cooccurrence=torch.ones(4))),
+    ("valid", dict(valid=torch.ones(1, 4, 4))),
+]
+
+
+@pytest.mark.parametrize("match,options", BAD_OPTIONS)
+def test_bad_options(match, options):
+    with pytest.raises(ValueError, match=match):
+        refine(rand_probs(1, 3, 4, 4), **options)
     with pytest.raises(ValueError, match="B x C x H x W"):
-        refine(p[0])
+        refine(rand_probs(1, 3, 4, 4)[0])
 
 
-# ---------------------------------------------------------------------------------------------
 # Random selection: properties and seeding
 
 
@@ -361,7 +343,6 @@ def test_random_reaches_every_neighbour():
     assert counts.sum() == 400 and (counts > 20).all(), counts
 
 
-# ---------------------------------------------------------------------------------------------
 # estimate_cooccurrence
 
 
