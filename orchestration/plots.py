@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 Rows = Iterable[Mapping[str, object]]
 
@@ -105,10 +106,11 @@ def figure4(train_csv_or_rows: str | Path | Rows, out_png: str | Path, smooth: i
             drawn += 1
         ax.set_title(panel)
         ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no 2.5 ticks on short runs
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.margins(x=0.01)
-        if ax.has_data():
+        if ax.has_data() and not any(a.get_legend() for a in axes):  # one legend: both panels share it
             ax.legend(loc="best", framealpha=0.85)
     if not drawn:
         raise ValueError("figure4: the rows have none of the columns pl/quantity, pl/quality, "
@@ -131,6 +133,7 @@ def curves(eval_csv: str | Path | Rows, out_png: str | Path, key: str = "eval/mI
     ax.scatter([steps[best]], [values[best]], s=60, color="tab:red", zorder=3,
                label=f"best {values[best]:.2f} at step {int(steps[best])}")
     ax.set_xlabel("training step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"{key} (%)" if "IoU" in key else key)
     ax.set_title(title or f"{key} over training")
     ax.grid(True, alpha=0.3)

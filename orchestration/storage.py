@@ -28,14 +28,8 @@ from pathlib import Path
 
 import boto3
 from boto3.s3.transfer import TransferConfig
+from botocore import exceptions as bx
 from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    EndpointConnectionError,
-    NoCredentialsError,
-    PartialCredentialsError,
-)
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -161,10 +155,8 @@ class S3Storage:
                  max_attempts: int = MAX_ATTEMPTS, retry_mode: str = "standard", progress: bool = True,
                  workers: int = SYNC_WORKERS):
         if retry_mode not in RETRY_MODES:
-            raise ValueError(f"retry_mode={retry_mode!r} is not allowed; expected one of: "
-                             f"{', '.join(RETRY_MODES)}")
-        self.endpoint_url = (endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
-                             or os.environ.get("AWS_ENDPOINT_URL") or None)
+            raise ValueError(f"retry_mode={retry_mode!r} is not allowed; expected one of: {', '.join(RETRY_MODES)}")
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         self.progress, self.workers = progress, max(1, workers)
         config = Config(retries={"max_attempts": max_attempts, "mode": retry_mode},
                         connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
@@ -180,18 +172,18 @@ class S3Storage:
     def _errors(self, uri: str, action: str):
         try:
             yield
-        except (NoCredentialsError, PartialCredentialsError):
+        except (bx.NoCredentialsError, bx.PartialCredentialsError):
             raise CredentialsError(f"cannot {action} {uri}: no AWS credentials found; consulted "
                                    f"{CREDENTIAL_SOURCES}") from None
-        except EndpointConnectionError:
-            raise StorageError(f"cannot {action} {uri}: S3 endpoint "
-                               f"{self.endpoint_url or 'AWS default'} is unreachable") from None
-        except ClientError as exc:
+        except bx.EndpointConnectionError:
+            where = self.endpoint_url or "AWS default"
+            raise StorageError(f"cannot {action} {uri}: S3 endpoint {where} is unreachable") from None
+        except bx.ClientError as exc:
             err = exc.response.get("Error", {})
             code = str(err.get("Code", "?"))
-            if code in ("NoSuchBucket",):
-                raise ObjectNotFoundError(f"cannot {action} {uri}: bucket "
-                                          f"{parse_s3_uri(uri)[0]!r} does not exist") from None
+            if code == "NoSuchBucket":
+                bucket = parse_s3_uri(uri)[0]
+                raise ObjectNotFoundError(f"cannot {action} {uri}: bucket {bucket!r} does not exist") from None
             if code in ("412", "PreconditionFailed"):
                 raise _ObjectChanged(f"{uri} changed while being read") from None
             if code in ("404", "NoSuchKey", "NotFound"):
@@ -200,7 +192,7 @@ class S3Storage:
                 raise StorageError(f"cannot {action} {uri}: access denied ({code}); check the "
                                    "credentials from the standard AWS chain") from None
             raise StorageError(f"cannot {action} {uri}: {code} {err.get('Message', '')}".rstrip()) from None
-        except BotoCoreError as exc:
+        except bx.BotoCoreError as exc:
             raise StorageError(f"cannot {action} {uri}: {type(exc).__name__}: {exc}") from None
 
     # -- objects ----------------------------------------------------------------------------------
@@ -270,8 +262,7 @@ class S3Storage:
                         raise StorageError(f"{uri}: downloaded {size} bytes, expected {info.size}")
                     os.replace(tmp, dest)
                     return got
-                problem = (f"sha256 {got[:12]}... of the downloaded bytes != metadata sha256 "
-                           f"{info.sha256[:12]}...")
+                problem = f"sha256 {got[:12]}... of the downloaded bytes != metadata sha256 {info.sha256[:12]}..."
             except _ObjectChanged:
                 problem = "the object changed during the download"
             finally:

@@ -31,7 +31,9 @@ EXPERIMENT_DIR = "tune"  # Ray's experiment folder inside the sweep storage
 STATE_FILE = "sweep_state.json"  # parent run id and the driver sessions' wall-clock intervals
 # Quiet, offline services (platform-notes.md); setdefault keeps what the user or a cluster set.
 QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
-             "AWS_EC2_METADATA_DISABLED": "true", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+             "AWS_EC2_METADATA_DISABLED": "true",
+             # num_to_keep=1 snapshots the experiment at every checkpoint, which we want (resume); no warning.
+             "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
              # Ray's new console output ignores verbose=0 for some lines; our own progress line replaces it.
              "RAY_AIR_NEW_OUTPUT": "0",
              # Ray saves experiment + searcher state every ~10 s by default; a shorter period narrows the
@@ -186,7 +188,7 @@ def run_sweep(m: Manifest, resume: bool = False, manifest_path: str | None = Non
             tune_config=tune.TuneConfig(search_alg=build_searcher(m, base), scheduler=scheduler,
                                         num_samples=m.num_trials, max_concurrent_trials=m.max_concurrent,
                                         trial_name_creator=TrialName(m.name),
-                                        trial_dirname_creator=TrialName(m.name), reuse_actors=False),
+                                        trial_dirname_creator=TrialName(m.name), reuse_actors=True),
             run_config=tune.RunConfig(
                 name=EXPERIMENT_DIR, storage_path=path, storage_filesystem=fs, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=m.retries),

@@ -17,7 +17,6 @@ import math
 import os
 import random
 import re
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -198,16 +197,6 @@ def config_params(cfg: Any) -> dict[str, str]:
     return {_key(k): _value(v, MAX_PARAM_VALUE) for k, v in flatten(cfg).items() if not SECRET_KEY.search(k)}
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and commit else None
-
-
 class TrialTracker:
     """s4mc trainer callback mirroring one trial into an MLflow child run of the sweep's parent run.
 
@@ -317,7 +306,9 @@ class TrialTracker:
                                 "split_family": p.get("data.split_family"), "seed": p.get("train.seed"),
                                 "host": p.get("host.name"), "s4mc": p.get("s4mc.enabled"),
                                 TAG_TRIAL_KEY: self.trial_key, TAG_ROLE: "trial"}
-        if commit := self.extra_tags.get("git_commit") or _git_commit():
+        from s4mc.train.reporting import git_commit  # lazy: it imports torch, which only trials need
+
+        if (commit := self.extra_tags.get("git_commit") or git_commit()) != "unknown":
             tags["git_commit"] = tags["mlflow.source.git.commit"] = commit
         return _clean_tags({**tags, **self.extra_tags})
 
@@ -391,17 +382,15 @@ class TrialTracker:
                         self._send(render(files[source], tmp / name), "plots", failures, always=True)
                     except ValueError as exc:  # e.g. no pl/* columns for the supervised host
                         log.info("trial %s: %s not drawn: %s", self.trial_key, name, exc)
-            pngs = (rd / "samples").glob("*.png") if rd else ()
-            # samples/step_<t>.png: the newest few by step number, whatever the zero padding
-            for png in sorted(pngs, key=lambda p: (int("0" + "".join(re.findall(r"\d", p.stem))), p.name))[
-                    -self.samples:] if self.samples else ():
+            # samples/step_<t>.png: the newest few; (length, name) orders step numbers with or without padding
+            pngs = sorted((rd / "samples").glob("*.png"), key=lambda p: (len(p.stem), p.stem)) if rd else []
+            for png in pngs[max(0, len(pngs) - self.samples):]:
                 self._send(png, "samples", failures)
             # best.pt is the stable copy; the step_<t>.pt we were told about may have been rotated away.
-            best = next((p for p in (rd and rd / "checkpoints" / "best.pt", self._best_path) if p and p.is_file()),
-                        None)
-            if best is not None:
+            best = [p for p in (rd / "checkpoints" / "best.pt" if rd else None, self._best_path) if p and p.is_file()]
+            if best:
                 s3 = bool(self.checkpoint_prefix) and is_s3_uri(self.checkpoint_prefix)
-                self._send(best, f"{self.checkpoint_prefix}/best.pt" if s3 else "checkpoints", failures)
+                self._send(best[0], f"{self.checkpoint_prefix}/best.pt" if s3 else "checkpoints", failures)
         if failures:
             text = "; ".join(failures)
             log.warning("trial %s: %d artifacts not logged: %s", self.trial_key, len(failures), text)

@@ -121,13 +121,16 @@ class PseudoLabeler:
             kappa_raw = confidence(probs, kind)
             if self.dpa_enabled:
                 gamma = dpa_threshold(kappa_raw, valid, alpha_t)  # unrefined scores (method.md §4, §9)
-                alpha_stat = torch.tensor(alpha_t, dtype=torch.float32, device=probs.device)
+                alpha_stat = torch.full((), alpha_t, dtype=torch.float32, device=probs.device)
             else:
                 gamma = fixed_threshold_tensor(self.fixed_threshold, probs.device, kappa_raw.dtype)
                 # NaN, not 0: alpha_t = 0 would claim "DPA keeps everything", while DPA is not used.
-                alpha_stat = torch.tensor(math.nan, dtype=torch.float32, device=probs.device)
+                alpha_stat = torch.full((), math.nan, dtype=torch.float32, device=probs.device)
             # Padded / ignored pixels are nobody's neighbour: their teacher output is meaningless.
-            refined = refine(probs, valid=valid, generator=generator, **self.refine_options)
+            # Refined scores stay float32: rounding them back to bf16 (resolution ~0.004 near 1)
+            # would decide "kappa > gamma" on coarser values than gamma itself was taken from.
+            p = probs if probs.dtype == torch.float64 else probs.float()
+            refined = refine(p, valid=valid, generator=generator, **self.refine_options)
             kappa_ref = confidence(refined, kind)
             keep_ref = (kappa_ref > gamma) & valid
             keep_raw = (kappa_raw > gamma) & valid
@@ -145,7 +148,7 @@ class PseudoLabeler:
     def _quality(self, label: Tensor, keep: Tensor, gt: Tensor | None) -> Tensor:
         """Accuracy of the kept labels against gt on kept, non-ignored pixels; NaN if none / no gt."""
         if gt is None:
-            return torch.tensor(math.nan, dtype=torch.float32, device=label.device)
+            return torch.full((), math.nan, dtype=torch.float32, device=label.device)
         measured = keep & (gt != self.ignore_index)
         correct = measured & (label == gt)
         # 0 / 0 = NaN in floating point: "nothing to measure" without a host-side branch.

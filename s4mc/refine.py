@@ -130,8 +130,8 @@ def refine(
     # score q and weight beta (0 = "no neighbour", so the update below is a no-op for it).
     # Random keys are one per pixel (shared by all classes), so its slots can stay B x 1 x H x W.
     key_shape = (B, 1, H, W) if selection == "random" else (B, C, H, W)
-    neg_inf = torch.tensor(-math.inf, dtype=dtype, device=device)
-    zero = torch.zeros((), dtype=dtype, device=device)
+    # torch.full, not torch.tensor: a fill kernel instead of a host-to-device copy per call.
+    neg_inf = torch.full((), -math.inf, dtype=dtype, device=device)
     slot_key = [torch.full(key_shape, -math.inf, dtype=dtype, device=device) for _ in range(k)]
     slot_q = [torch.zeros((B, C, H, W), dtype=dtype, device=device) for _ in range(k)]
     slot_b = [torch.zeros(key_shape, dtype=dtype, device=device) for _ in range(k)]
@@ -147,8 +147,7 @@ def refine(
             key = torch.where(exists, raw.to(device=device, dtype=dtype), neg_inf)
         else:
             key = torch.where(exists, q if selection == "max" else -q, neg_inf)
-        weight = torch.tensor(neighbour_weight(dy, dx, beta), dtype=dtype, device=device)
-        b = torch.where(exists, weight, zero)
+        b = exists.to(dtype) * neighbour_weight(dy, dx, beta)
         # Insertion into the sorted slots. Strict ">" keeps the earlier offset on ties, which makes
         # the order deterministic; a displaced entry moves down to compete for the next slot.
         for i in range(k):

@@ -11,6 +11,7 @@ so a training step never waits for the host (method.md §4). The fixed threshold
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -20,7 +21,7 @@ DEFAULT_ALPHA0 = 0.4
 
 
 def _check_unit(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name}={value!r} must be a number in [0, 1]")
     return float(value)
 
@@ -50,7 +51,7 @@ def dpa_threshold(kappa: Tensor, valid: Tensor, alpha: float) -> Tensor:
     if valid.dtype != torch.bool:
         raise ValueError(f"dpa_threshold valid must be a bool tensor, got dtype {valid.dtype}")
     dtype = torch.float64 if kappa.dtype == torch.float64 else torch.float32
-    x = torch.where(valid, kappa.to(dtype), torch.tensor(math.inf, dtype=dtype, device=kappa.device))
+    x = torch.where(valid, kappa.to(dtype), torch.full((), math.inf, dtype=dtype, device=kappa.device))
     ordered = x.flatten().sort().values
     n = valid.sum()
     # floor((n - 1) * alpha) in float64 as numpy does (float32 would differ from numpy's index
@@ -58,7 +59,7 @@ def dpa_threshold(kappa: Tensor, valid: Tensor, alpha: float) -> Tensor:
     idx_dtype = torch.float32 if kappa.device.type == "mps" else torch.float64  # MPS has no float64
     idx = torch.floor((n - 1).to(idx_dtype) * alpha).long().clamp(min=0)
     if ordered.numel() == 0:
-        return torch.tensor(math.inf, dtype=dtype, device=kappa.device)
+        return torch.full((), math.inf, dtype=dtype, device=kappa.device)
     return ordered.gather(0, idx.view(1)).squeeze(0)
 
 
@@ -67,6 +68,6 @@ def fixed_threshold(
 ) -> Tensor:
     """A constant threshold as a 0-dim tensor on ``device``; float32 by default like dpa_threshold's
     (pass the confidence's dtype so that e.g. 0.95 is not rounded differently from float64 kappa)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
         raise ValueError(f"fixed threshold value={value!r} must be a number")
-    return torch.tensor(float(value), dtype=dtype, device=device)
+    return torch.full((), float(value), dtype=dtype, device=device)

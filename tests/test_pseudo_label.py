@@ -181,3 +181,14 @@ def test_bad_arguments():
         PseudoLabeler()(probs, valid.long(), 0.0)
     with pytest.raises(ValueError, match="gt"):
         PseudoLabeler()(probs, valid, 0.0, gt=gt[0])
+
+
+def test_half_precision_probs_refined_in_float32():
+    probs, valid, _ = data(seed=9)
+    half = probs.bfloat16()
+    out = PseudoLabeler(confidence_kind="max")(half, valid, 0.0)
+    kappa_raw = confidence(half, "max")
+    gamma = dpa_threshold(kappa_raw, valid, 0.4)
+    expected = (confidence(refine(half.float(), valid=valid), "max") > gamma) & valid
+    torch.testing.assert_close(out.keep, expected, rtol=0, atol=0)
+    assert out.stats["pl/threshold"].dtype == torch.float32
