@@ -48,7 +48,13 @@ class ParamConfig:
 @dataclass
 class ResourcesConfig:
     cpu: float = 1.0
-    gpu: float = 0.0  # fractional: trials share a GPU; > 1 (whole): data-parallel Ray Train workers
+    gpu: float = 0.0  # fractional: trials share a GPU; > 1 (whole): that many data-parallel GPU workers
+    workers: int | None = None  # data-parallel Ray Train workers per trial; None = gpu if gpu > 1, else 1
+
+
+def dp_workers(r: ResourcesConfig) -> int:
+    """Data-parallel workers of one trial (1 = a plain trial)."""
+    return int(r.workers) if r.workers else (int(r.gpu) if r.gpu > 1 else 1)
 
 
 @dataclass
@@ -236,6 +242,11 @@ def _validate(m: Manifest) -> None:
         (m.resources_per_trial.gpu <= 1 or float(m.resources_per_trial.gpu).is_integer(),
          f"resources_per_trial.gpu={m.resources_per_trial.gpu}: above 1 it counts data-parallel workers "
          "and must be whole"),
+        (m.resources_per_trial.workers is None or m.resources_per_trial.workers >= 1,
+         f"resources_per_trial.workers={m.resources_per_trial.workers} must be >= 1"),
+        (m.resources_per_trial.gpu <= 1 or m.resources_per_trial.workers in (None, int(m.resources_per_trial.gpu)),
+         f"resources_per_trial.workers={m.resources_per_trial.workers} must equal resources_per_trial.gpu="
+         f"{m.resources_per_trial.gpu} (one GPU per data-parallel worker)"),
         (m.scheduler.name in ("asha", "fifo"), f"scheduler.name={m.scheduler.name!r} is not allowed; "
                                                "expected one of: asha, fifo"),
         (m.scheduler.grace_period >= 1, f"scheduler.grace_period={m.scheduler.grace_period} must be >= 1"),

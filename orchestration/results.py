@@ -65,7 +65,11 @@ def collect_rows(grid, study, m) -> list[dict[str, Any]]:
             "evaluations": int(metrics.get("training_iteration", 0) or 0),
             "progress": progress, "stopped_early": progress is not None and progress < 1.0,
             "best_seen": _num(df[m.metric].max()) if df is not None and m.metric in df else None,
-            "node_ip": metrics.get("trial/node_ip"), "train_s": sum(b - a for a, b in segments),
+            "resumed_from": metrics.get("trial/resumed_from"), "node_ip": metrics.get("trial/node_ip"),
+            # every node the trial reported from (a retried trial may move)
+            "node_ips": sorted(set(df["trial/node_ip"].dropna())) if df is not None and "trial/node_ip" in df
+            else [],
+            "train_s": sum(b - a for a, b in segments),
             "error": str(r.error).splitlines()[0][:300] if r.error else None,
             "params": sampled_params({k: v for k, v in config.items() if not k.startswith("__")}),
             "segments": segments,

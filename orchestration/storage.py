@@ -170,6 +170,7 @@ class S3Storage:
     # -- errors -----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _errors(self, uri: str, action: str):
+        _install_redaction()  # again: botocore / s3transfer create some loggers on first use
         try:
             yield
         except (bx.NoCredentialsError, bx.PartialCredentialsError):

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
 from ray.tune import Callback
 
-from orchestration.manifest import Manifest, base_training_config, sweep_dir_of, to_yaml
+from orchestration.manifest import Manifest, base_training_config, dp_workers, sweep_dir_of, to_yaml
 from orchestration.results import collect_rows, mark_mlflow_runs, summarise, write_outputs
 from orchestration.search import build_searcher, open_study, study_exists
 from orchestration.trial import trial_key, trial_main
@@ -29,6 +30,7 @@ from s4mc.config import ConfigError
 
 EXPERIMENT_DIR = "tune"  # Ray's experiment folder inside the sweep storage
 STATE_FILE = "sweep_state.json"  # parent run id and the driver sessions' wall-clock intervals
+DRIVER_CPU = 0.1  # a data-parallel trial's own share: it waits on its TorchTrainer
 # Quiet, offline services (platform-notes.md); setdefault keeps what the user or a cluster set.
 QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
              "AWS_EC2_METADATA_DISABLED": "true",
@@ -157,21 +159,26 @@ def run_sweep(m: Manifest, resume: bool = False, manifest_path: str | None = Non
                              "with --resume or use a new sweep name")
         raise SweepError(f"cannot resume sweep {m.name!r}: the study exists but Ray's experiment state "
                          f"{exp_path} does not; use a new sweep name")
+    base = base_training_config(m)
+    if m.scheduler.name == "asha" and m.scheduler.max_t is None and base.train.epochs is not None:
+        # With epochs the step count depends on the data; a wrong max_t would cut every trial short.
+        raise SweepError("scheduler.max_t is required when train.epochs sets the schedule: give the "
+                         "number of evaluations of one run")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     Path(m.work_dir).mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     state = _load_state(sweep_dir)
-    base = base_training_config(m)
     tracking = _tracking(m, state, fresh=not can_restore)
     state["sessions"].append([t_start, None])
     _save_state(sweep_dir, state)
     _init_ray(m)
 
-    fn = tune.with_parameters(trainable or trial_main, manifest=m, tracking=tracking)
-    gpu = m.resources_per_trial.gpu
-    # gpu > 1: the trial only drives a TorchTrainer whose workers hold the GPUs (orchestration/trial.py).
-    fn = tune.with_resources(fn, {"cpu": m.resources_per_trial.cpu if gpu <= 1 else 1, "gpu": gpu if gpu <= 1
-                                  else 0})
+    base_config = OmegaConf.to_container(base, resolve=True)  # workers need not hold the YAML files
+    fn = tune.with_parameters(trainable or trial_main, manifest=m, tracking=tracking, base_config=base_config)
+    r = m.resources_per_trial
+    # Data-parallel: the trial only drives a TorchTrainer whose workers hold the resources
+    # (orchestration/trial.py); Ray rejects an all-zero bundle, hence a token CPU share.
+    fn = tune.with_resources(fn, {"cpu": r.cpu, "gpu": r.gpu} if dp_workers(r) == 1 else {"cpu": DRIVER_CPU})
     progress = ProgressLine(m.name, m.num_trials, m.metric, m.mode)
     if can_restore:
         echo(f"[sweep {m.name}] resuming {exp_path}")

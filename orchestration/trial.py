@@ -16,9 +16,10 @@ Several `seeds` train in lockstep: each seed's run trains to its next evaluation
 resumes every run from its checkpoint. ASHA stops a trial inside `tune.report` (platform-notes.md):
 the MLflow run is closed in `finally`, and final artifacts are logged before the last report.
 
-`resources_per_trial.gpu > 1` trains data-parallel: the trial drives a Ray Train `TorchTrainer` with
-that many GPU workers; Ray Train sets up torch.distributed and the trainer wraps its student in DDP
-(s4mc/train/loop.py). Rank 0 reports metrics with the checkpoint, the other ranks metrics only.
+`resources_per_trial.gpu > 1` (or `workers > 1`) trains data-parallel: the trial drives a Ray Train
+`TorchTrainer` with that many workers (one GPU each, or CPU workers on gloo); Ray Train sets up
+torch.distributed and the trainer wraps its student in DDP (s4mc/train/loop.py). Rank 0 reports
+metrics with the checkpoint, the other ranks metrics only; only rank 0 logs to MLflow.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from orchestration.manifest import Manifest
+from orchestration.manifest import Manifest, dp_workers
 from orchestration.search import NUMBER_KEY, PROGRESS_KEY
 from s4mc.config import load_config
 from s4mc.train import StopTraining, run_training
@@ -71,9 +72,15 @@ def _resolve_uris(cfg: DictConfig) -> None:
         OmegaConf.update(cfg, k, str(resolve_local(OmegaConf.select(cfg, k), cache)))
 
 
-def build_trial_config(m: Manifest, params: dict[str, Any], seed: int, run_dir: Path, name: str) -> DictConfig:
-    """Base + manifest overrides + sampled parameters + seed + run folder, validated by the schema."""
-    cfg = load_config(m.base, overrides=list(m.overrides))
+def build_trial_config(m: Manifest, params: dict[str, Any], seed: int, run_dir: Path, name: str,
+                       base_config: dict | None = None) -> DictConfig:
+    """Base + manifest overrides + sampled parameters + seed + run folder, validated by the schema.
+
+    base_config: the driver's resolved base + overrides (so worker nodes need not hold the YAML files);
+    without it the base YAML is read here.
+    """
+    cfg = (load_config(None, base=base_config) if base_config is not None
+           else load_config(m.base, overrides=list(m.overrides)))
     threads = [] if any(o.startswith("train.threads=") for o in m.overrides) else [
         # One torch thread per reserved CPU: trials share the machine (platform-notes.md).
         _dotted("train.threads", max(1, math.ceil(m.resources_per_trial.cpu)))]
@@ -120,9 +127,10 @@ class RayReporter:
         self.tracker, self.rank = tracker, rank
         self.total, self.start_step, self.pending, self.checkpointed = 0, 0, None, None
         self.segment_start = time.time()  # training time = report-free segments (orchestration/results.py)
-        from ray.util import get_node_ip_address
+        import ray
 
-        self.node_ip = get_node_ip_address()
+        # Outside Ray (a direct call) there is no node: do not let Ray probe the network for an address.
+        self.node_ip = ray.util.get_node_ip_address() if ray.is_initialized() else "local"
 
     # trainer callbacks (single seed). One report per evaluation once both its metrics and its checkpoint
     # exist; the order of on_eval / on_checkpoint is the trainer's business (s4mc/train/loop.py).
@@ -241,7 +249,10 @@ class _Tracked:
         if not self.tracker.ended:
             self.tracker.on_train_end(summary)
             return
-        self.tracker._log_summary(summary)  # noqa: SLF001 (same package; no public summary-only call)
+        self.tracker._log_summary(summary)  # same package; TrialTracker has no public summary-only call
+        path = Path(summary.get("run_dir", "")) / "summary.json"
+        if path.is_file():
+            self.tracker.client.log_artifact(self.tracker.run_id, str(path))
 
 
 def _tracker(m: Manifest, tracking: dict | None, key: str, number: int, cfg: DictConfig,
@@ -257,8 +268,11 @@ def _tracker(m: Manifest, tracking: dict | None, key: str, number: int, cfg: Dic
 
 
 def run_trial(config: dict, m: Manifest, tracking: dict | None, report_fn, get_checkpoint, checkpoint_cls,
-              rank: int = 0) -> None:
-    """The body shared by the plain and the data-parallel trial: train every seed, report each eval."""
+              rank: int = 0, callbacks: tuple = (), base_config: dict | None = None) -> None:
+    """The body shared by the plain and the data-parallel trial: train every seed, report each eval.
+
+    callbacks: extra trainer callbacks (single seed), e.g. a custom trainable's own instrumentation.
+    """
     key = trial_key(m.name, config)
     params = sampled_params(config)
     trial_dir = Path(m.work_dir) / key
@@ -266,7 +280,7 @@ def run_trial(config: dict, m: Manifest, tracking: dict | None, report_fn, get_c
     # others keep their own copy of the checkpoint to resume from.
     suffix = f"-rank{rank}" if rank else ""
     runs = {s: trial_dir / f"seed_{s}{suffix}" for s in m.seeds}
-    cfgs = {s: build_trial_config(m, params, s, runs[s], f"{key}-s{s}") for s in m.seeds}
+    cfgs = {s: build_trial_config(m, params, s, runs[s], f"{key}-s{s}", base_config) for s in m.seeds}
     restore_runs(runs, get_checkpoint)
     tracker = _tracker(m, tracking, key, int(config[NUMBER_KEY]), cfgs[m.seeds[0]], params) if rank == 0 \
         else None
@@ -275,7 +289,7 @@ def run_trial(config: dict, m: Manifest, tracking: dict | None, report_fn, get_c
     try:
         if len(m.seeds) == 1:
             seed = m.seeds[0]
-            cbs = [_Tracked(tracker), reporter] if tracker is not None else [reporter]
+            cbs = ([_Tracked(tracker)] if tracker is not None else []) + [reporter, *callbacks]
             run_training(cfgs[seed], runs[seed], callbacks=cbs, resume=True)
         else:
             _train_lockstep(cfgs, runs, reporter, tracker)
@@ -288,14 +302,16 @@ def run_trial(config: dict, m: Manifest, tracking: dict | None, report_fn, get_c
             tracker.finish(status)
 
 
-def trial_main(config: dict, manifest: Manifest, tracking: dict | None = None) -> None:
-    """The Tune trainable (`tune.with_parameters(trial_main, manifest=..., tracking=...)`)."""
+def trial_main(config: dict, manifest: Manifest, tracking: dict | None = None, base_config: dict | None = None
+               ) -> None:
+    """The Tune trainable (`tune.with_parameters(trial_main, manifest=..., tracking=..., base_config=...)`)."""
     from ray import tune
 
-    if manifest.resources_per_trial.gpu > 1:
-        _data_parallel(config, manifest, tracking)
+    if dp_workers(manifest.resources_per_trial) > 1:
+        _data_parallel(config, manifest, tracking, base_config)
         return
-    run_trial(config, manifest, tracking, tune.report, tune.get_checkpoint, tune.Checkpoint)
+    run_trial(config, manifest, tracking, tune.report, tune.get_checkpoint, tune.Checkpoint,
+              base_config=base_config)
 
 
 def _ddp_worker(loop_config: dict) -> None:
@@ -304,25 +320,31 @@ def _ddp_worker(loop_config: dict) -> None:
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     run_trial(loop_config["config"], loop_config["manifest"], loop_config["tracking"], ray.train.report,
-              ray.train.get_checkpoint, ray.train.Checkpoint, rank)
+              ray.train.get_checkpoint, ray.train.Checkpoint, rank, base_config=loop_config["base_config"])
 
 
-def _data_parallel(config: dict, m: Manifest, tracking: dict | None) -> None:
-    # Ray Train V2 inside a Tune trial: the trial only drives the TorchTrainer; its workers hold the GPUs.
-    # TuneReportCallback forwards rank 0's reports to this trial, so ASHA sees them like any other.
+def _data_parallel(config: dict, m: Manifest, tracking: dict | None, base_config: dict | None) -> None:
+    # Ray Train V2 inside a Tune trial: the trial only drives the TorchTrainer; its workers hold the CPUs
+    # and GPUs. TuneReportCallback forwards rank 0's reports to this trial, so ASHA sees them like any
+    # other trial's. A restarted trial (retry, resumed sweep) calls fit() with the same run name and
+    # storage, and Ray Train resumes from that run's latest checkpoint (ray.train.get_checkpoint()).
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestration.sweep import storage_filesystem
 
-    workers = int(m.resources_per_trial.gpu)
+    r = m.resources_per_trial
+    workers = dp_workers(r)
     fs, path = storage_filesystem(m.storage)
+    per_worker = {"CPU": max(r.cpu / workers, 0.1)}
+    if r.gpu > 0:
+        per_worker["GPU"] = r.gpu / workers
     trainer = TorchTrainer(
-        _ddp_worker, train_loop_config={"config": config, "manifest": m, "tracking": tracking},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=True,
-            resources_per_worker={"CPU": max(1.0, m.resources_per_trial.cpu / workers), "GPU": 1}),
+        _ddp_worker, train_loop_config={"config": config, "manifest": m, "tracking": tracking,
+                                        "base_config": base_config},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=r.gpu > 0,
+                                               resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
             name=f"ddp-{trial_key(m.name, config)}", storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=m.retries), callbacks=[TuneReportCallback()]))

@@ -136,3 +136,105 @@ def sqlite_tracking_uri(tmp_path, mlflow_db_copy):
 # =====================================================================================================
 # 3. Ray / Optuna
 # =====================================================================================================
+# Owned by the sweep machinery (tests/test_sweep.py). Ray costs 2-3 s and ~1 GB per start
+# (platform-notes.md), so one two-node loopback cluster serves every sweep test of the session.
+RAY_HEAD_IP, RAY_WORKER_IP = "127.0.0.2", "127.0.0.3"  # loopback aliases Ray leaves alone (platform-notes.md)
+# Short temp dirs: Ray's socket paths must stay under 107 bytes (pytest's tmp_path is too long). The pid
+# keeps concurrent test sessions on one machine apart (cleanup kills by temp dir).
+RAY_TEMP_DIRS = {"head": f"/tmp/ray-s4mc-{os.getpid()}h", "worker": f"/tmp/ray-s4mc-{os.getpid()}w"}
+RAY_OBJECT_STORE_BYTES = 100 * 2**20  # tiny sweeps move only small checkpoints through Ray
+RAY_ENV = {"RAY_AUTH_MODE": "disabled",  # platform-notes.md: token auth breaks `ray start --address`
+           "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def _ray_pids(markers) -> list[int]:
+    """Ray processes started from our temp dirs (their command lines name them) and their children;
+    never this process or its ancestors (a command line that merely mentions a temp dir)."""
+    own, children, parents = set(), {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+        parents[int(entry)] = ppid
+        if any(m in cmd for m in markers):
+            own.add(int(entry))
+    pid = os.getpid()
+    while pid > 1:  # spare ourselves and our ancestors
+        own.discard(pid)
+        pid = parents.get(pid, 1)
+    todo = list(own)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in own:
+                own.add(child)
+                todo.append(child)
+    return sorted(own)
+
+
+def stop_ray_processes(temp_dirs, grace_s: float = 5.0) -> None:
+    """`ray stop` for our temp dirs only: `ray stop` itself would end every Ray on the machine."""
+    import signal
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _ray_pids(list(temp_dirs))
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while pids and time.monotonic() < deadline and _ray_pids(list(temp_dirs)):
+            time.sleep(0.2)
+    for d in temp_dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real two-node Ray cluster on loopback (head 127.0.0.2, worker 127.0.0.3, 1 CPU each), with
+    this test process connected as its driver. Yields the head's address (host:port)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from orchestration.services import free_port
+
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ, **RAY_ENV}
+    os.environ.update(RAY_ENV)
+    port = free_port(RAY_HEAD_IP)
+    address = f"{RAY_HEAD_IP}:{port}"
+    common = ["--num-cpus=1", f"--object-store-memory={RAY_OBJECT_STORE_BYTES}", "--disable-usage-stats"]
+
+    def ports(*names):  # Ray's fixed defaults (8265, 52365, ...) collide with other sessions' clusters
+        return [f"--{name}={free_port()}" for name in names]
+    try:
+        for argv in ([ray_cli, "start", "--head", f"--node-ip-address={RAY_HEAD_IP}", f"--port={port}",
+                      f"--temp-dir={RAY_TEMP_DIRS['head']}", "--include-dashboard=false", *common,
+                      *ports("dashboard-port", "dashboard-agent-listen-port",
+                             "metrics-export-port")],
+                     [ray_cli, "start", f"--address={address}", f"--node-ip-address={RAY_WORKER_IP}",
+                      f"--temp-dir={RAY_TEMP_DIRS['worker']}", *common,
+                      *ports("dashboard-agent-listen-port", "metrics-export-port")]):
+            out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+            if out.returncode != 0:
+                raise RuntimeError(f"{' '.join(argv[1:3])} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+        import ray
+
+        ray.init(address=address, log_to_driver=False)
+        yield address
+    finally:
+        try:
+            import ray
+
+            ray.shutdown()
+        finally:
+            stop_ray_processes(RAY_TEMP_DIRS.values())
