@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from orchestration.env import apply_env
 from orchestration.manifest import load_manifest
 from s4mc.config import ConfigError
 
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = load_manifest(args.manifest, getattr(args, "overrides", ()) or ())
     except ConfigError as exc:
         return _fail(str(exc))
+    apply_env(local_ray=not manifest.ray.address)  # before Ray is imported (orchestration/env.py)
     if args.command == "ui":
         return _ui(manifest, args.port)
     from orchestration.sweep import run_sweep

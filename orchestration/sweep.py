@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from ray.tune import Callback
 
+from orchestration.env import LOCAL_ENV, QUIET_ENV, apply_env  # noqa: F401 (re-exported)
 from orchestration.manifest import Manifest, base_training_config, dp_workers, sweep_dir_of, to_yaml
 from orchestration.results import collect_rows, mark_mlflow_runs, summarise, write_outputs
 from orchestration.search import build_searcher, open_study, study_exists
@@ -31,20 +32,6 @@ from s4mc.config import ConfigError
 EXPERIMENT_DIR = "tune"  # Ray's experiment folder inside the sweep storage
 STATE_FILE = "sweep_state.json"  # parent run id and the driver sessions' wall-clock intervals
 DRIVER_CPU = 0.1  # a data-parallel trial's own share: it waits on its TorchTrainer
-# Quiet, offline services (platform-notes.md); setdefault keeps what the user or a cluster set.
-QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
-             "AWS_EC2_METADATA_DISABLED": "true",
-             # num_to_keep=1 snapshots the experiment at every checkpoint, which we want (resume); no warning.
-             "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-             # Ray's new console output ignores verbose=0 for some lines; our own progress line replaces it.
-             "RAY_AIR_NEW_OUTPUT": "0",
-             # Ray saves experiment + searcher state every ~10 s by default; a shorter period narrows the
-             # window in which a killed driver leaves a trial that the restored searcher does not know.
-             "TUNE_GLOBAL_CHECKPOINT_S": "2"}
-LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps a single node on 127.0.0.1
-             "RAY_AUTH_MODE": "disabled"}  # loopback-only local Ray (platform-notes.md: Ray >= 2.59)
-
-
 class SweepError(ConfigError):
     """The sweep cannot start as asked (e.g. it exists and --resume was not given)."""
 
@@ -82,15 +69,12 @@ def storage_filesystem(storage: str):
 def _init_ray(m: Manifest) -> None:
     import ray
 
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
+    apply_env(local_ray=not m.ray.address)  # the CLI did this before importing Ray; again for library use
     if ray.is_initialized():
         return
     if m.ray.address:
         ray.init(address=m.ray.address, log_to_driver=False)
         return
-    for key, value in LOCAL_ENV.items():
-        os.environ.setdefault(key, value)
     ray.init(num_cpus=m.ray.num_cpus or os.cpu_count(), object_store_memory=m.ray.object_store_mb * 2**20,
              _temp_dir=m.ray.temp_dir, include_dashboard=False, log_to_driver=False,
              _node_ip_address="127.0.0.1")
@@ -148,8 +132,9 @@ def run_sweep(m: Manifest, resume: bool = False, manifest_path: str | None = Non
     t_start = time.time()
     sweep_dir = Path(sweep_dir_of(m))
     fs, path = storage_filesystem(m.storage)
-    exp_path = f"{m.storage.rstrip('/')}/{EXPERIMENT_DIR}"
-    can_restore = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
+    exp_path = f"{m.storage.rstrip('/')}/{EXPERIMENT_DIR}"  # shown to the user
+    fs_exp_path = f"{path.rstrip('/')}/{EXPERIMENT_DIR}"  # what Ray wants beside a pyarrow filesystem
+    can_restore = tune.Tuner.can_restore(fs_exp_path, storage_filesystem=fs)
     if can_restore and not resume:
         raise SweepError(f"sweep {m.name!r} already exists in {exp_path}; resume it with --resume "
                          f"(make sweep RESUME=1) or delete {sweep_dir} (and {m.storage}) to start over")
@@ -182,7 +167,7 @@ def run_sweep(m: Manifest, resume: bool = False, manifest_path: str | None = Non
     progress = ProgressLine(m.name, m.num_trials, m.metric, m.mode)
     if can_restore:
         echo(f"[sweep {m.name}] resuming {exp_path}")
-        tuner = tune.Tuner.restore(exp_path, trainable=fn, resume_unfinished=True, resume_errored=True,
+        tuner = tune.Tuner.restore(fs_exp_path, trainable=fn, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)
     else:
         max_t = m.scheduler.max_t or evaluations_per_run(base)

@@ -198,9 +198,10 @@ def stop_ray_processes(temp_dirs, grace_s: float = 5.0) -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(aws_env):
     """A real two-node Ray cluster on loopback (head 127.0.0.2, worker 127.0.0.3, 1 CPU each), with
-    this test process connected as its driver. Yields the head's address (host:port)."""
+    this test process connected as its driver. Yields the head's address (host:port). Its nodes start
+    with `aws_env` (moto endpoint, fake credentials), as cluster nodes carry their own S3 access."""
     import subprocess
     import sys
     from pathlib import Path

@@ -283,16 +283,21 @@ def test_trials_ran_on_both_nodes_of_the_two_node_cluster(tiny_sweep):
 
 
 @pytest.mark.services
-def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(ray_cluster, tmp_path, mlflow_db_copy):
+def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(ray_cluster, tmp_path, mlflow_db_copy, s3,
+                                                                     s3_bucket):
+    """Ctrl-C a `s4mc-sweep run` (own local Ray) mid-sweep, resume it on the two-node cluster. Storage
+    is S3 (moto): Ray's experiment state and checkpoints go through pyarrow with the endpoint override."""
     from conftest import stop_ray_processes
 
+    from orchestration.manifest import sweep_dir_of
     from orchestration.search import open_study
     from orchestration.sweep import run_sweep
 
     uri = mlflow_db_copy(tmp_path / "mlruns" / "mlflow.db")
     overrides = [o for o in TINY if not o.startswith("train.steps")] + ["train.steps=12"]  # 4 evaluations
-    path = write_manifest(tmp_path, "resume", tracking_uri=uri, overrides=overrides,
-                          scheduler={"name": "fifo"}, ray={"num_cpus": 2, "temp_dir": LOCAL_RAY_TEMP})
+    path = write_manifest(tmp_path, "resume", tracking_uri=uri, overrides=overrides, project=str(tmp_path),
+                          storage=f"s3://{s3_bucket}/sweeps/resume", scheduler={"name": "fifo"},
+                          ray={"num_cpus": 2, "temp_dir": LOCAL_RAY_TEMP})
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen([sys.executable, "-m", "orchestration.cli", "run", "--manifest", str(path)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -312,7 +317,7 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(ray_cluste
             proc.kill()
         stop_ray_processes([LOCAL_RAY_TEMP])
     m = load_manifest(path, [f"ray.address={ray_cluster}"])
-    first = json.loads((Path(m.storage) / "summary.json").read_text())
+    first = json.loads((Path(sweep_dir_of(m)) / "summary.json").read_text())
     assert first["status"] == "interrupted" and first["states"].get("COMPLETE", 0) < 4
     result = run_sweep(m, resume=True, echo=lambda *_: None)
 
@@ -328,8 +333,11 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(ray_cluste
     assert sorted(r.data.tags["trial_key"] for r in children) == sorted(r["trial"] for r in result.rows)
     for run in children:  # each evaluation logged exactly once across both driver sessions
         assert [x.step for x in client.get_metric_history(run.info.run_id, "eval/mIoU")] == [3, 6, 9, 12]
-    assert json.loads((Path(m.storage) / "sweep_state.json").read_text())["parent_run_id"] == \
+    assert json.loads((Path(sweep_dir_of(m)) / "sweep_state.json").read_text())["parent_run_id"] == \
         result.parent_run_id and result.timing["sessions"] == 2
+    stored = {o.key for o in s3.list_objects(f"s3://{s3_bucket}/sweeps/resume/")}
+    assert any(k.endswith("/checkpoint_000003/seed_0/last.pt") for k in stored), sorted(stored)[:20]
+    assert any("best/resume-t000/best.pt" in k for k in stored)
 
 
 def test_several_seeds_train_in_lockstep_and_report_their_mean(tmp_path):
@@ -357,3 +365,25 @@ def test_several_seeds_train_in_lockstep_and_report_their_mean(tmp_path):
             per_seed.append([float(r["eval/mIoU"]) for r in csv.DictReader(f)])
     assert [row["eval/mIoU"] for row, _ in reports] == pytest.approx(
         [(a + b) / 2 for a, b in zip(*per_seed, strict=True)])
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_data_parallel_trial_spans_both_nodes(ray_cluster, tmp_path, mlflow_db_copy):
+    """workers: 2 -> a Ray Train TorchTrainer inside the Tune trial, one gloo worker per node; rank 0's
+    reports (with checkpoints in Ray Train's storage) reach Tune, MLflow and the summary."""
+    from orchestration.sweep import run_sweep
+
+    uri = mlflow_db_copy(tmp_path / "mlruns" / "mlflow.db")
+    # 0.1 CPU for the trial + 2 x 0.9 for its workers fits the cluster's 1 + 1 CPUs.
+    path = write_manifest(tmp_path, "ddp", tracking_uri=uri, num_trials=1, max_concurrent=1,
+                          resources_per_trial={"cpu": 1.8, "workers": 2}, scheduler={"name": "fifo"},
+                          ray={"address": ray_cluster})
+    m = load_manifest(path)
+    result = run_sweep(m, echo=lambda *_: None)
+    (row,) = result.rows
+    assert row["state"] == "COMPLETE" and row["evaluations"] == 2 and not result.errors
+    assert (Path(m.work_dir) / "ddp-t000" / "seed_0-rank1").is_dir()  # rank 1 kept its own run folder
+    assert list((Path(m.storage) / "ddp-ddp-t000").glob("checkpoint_*/seed_0/last.pt"))
+    client, children = _mlflow_children(m, result.parent_run_id)
+    assert [x.step for x in client.get_metric_history(children[0].info.run_id, "eval/mIoU")] == [3, 6]

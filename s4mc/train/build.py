@@ -153,10 +153,12 @@ def build_run(cfg: DictConfig, device: torch.device) -> Run:
         teacher = copy.deepcopy(student)
         for p in teacher.parameters():
             p.requires_grad_(False)
-    optimizer = torch.optim.SGD(student.param_groups(cfg.train.lr, cfg.train.head_lr_mult,
-                                                     cfg.train.weight_decay),
-                                lr=cfg.train.lr, momentum=cfg.train.momentum,
-                                weight_decay=cfg.train.weight_decay)
+    groups = student.param_groups(cfg.train.lr, cfg.train.head_lr_mult, cfg.train.weight_decay)
+    if cfg.train.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum,
+                                    weight_decay=cfg.train.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     for group in optimizer.param_groups:
         group["lr_mult"] = group["lr"] / cfg.train.lr
     pseudo_labeler = None
