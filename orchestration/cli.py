@@ -9,10 +9,13 @@ bad key, exit code 2, before anything starts), then runs the sweep (orchestratio
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from orchestration.env import apply_env
 from orchestration.manifest import load_manifest
+from orchestration.report import add_report_parser
+from orchestration.reproduce import add_reproduce_parser
 from s4mc.config import ConfigError
 
 EXIT_USAGE = 2  # argparse's own code for bad arguments; bad manifests are usage errors too
@@ -34,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     ui = sub.add_parser("ui", help="serve the MLflow UI on a sweep's tracking store (127.0.0.1 only)")
     ui.add_argument("--manifest", required=True, help="sweep manifest YAML")
     ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
+    add_reproduce_parser(sub)  # paper tables (docs/reproduce.md): `reproduce` and `report`
+    add_report_parser(sub)
     return parser
 
 
@@ -44,6 +49,8 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "handler", None) is not None:  # reproduce / report take a paper table, not a manifest
+        return args.handler(args)
     try:
         manifest = load_manifest(args.manifest, getattr(args, "overrides", ()) or ())
     except ConfigError as exc:
@@ -68,6 +75,10 @@ def _ui(manifest, port: int) -> int:
     from orchestration import tracking
     from orchestration.services import serve_ui
 
+    def _stop(*_):  # SIGTERM (e.g. `timeout`, a service manager) stops the server like Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     return serve_ui(tracking.configure(uri, project_dir=manifest.project), port=port)
 
 

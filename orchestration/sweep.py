@@ -5,7 +5,8 @@ Optuna study, and runs a `Tuner` with the Optuna searcher (orchestration/search.
 per-trial `FailureConfig` and trial names from the stable trial key (`<sweep>-t<optuna number>`).
 `resume=True` restores the same Ray experiment (`Tuner.restore`) with the same study and parent run:
 finished trials stay finished, unfinished ones continue from their last checkpoint, and the
-remaining trials are asked for, so no trial is lost or run twice. At the end it prints the best
+remaining trials are asked for, so no trial is lost or run twice. While it runs, `ProgressLine`
+replaces Ray's tables with one line per finished trial (and one every 30 s). At the end it prints the best
 configuration, the top trials and the timing, and writes results.csv, results.md and summary.json in
 the sweep folder (timing is defined in orchestration/results.py and docs/sweeps.md).
 """

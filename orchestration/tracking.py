@@ -245,11 +245,15 @@ class TrialTracker:
             _log_tags(self.client, self.ensure_run(), {"best_checkpoint_step": str(int(step))})
 
     def on_train_end(self, summary: Mapping[str, Any]) -> None:
-        # Top-level numbers only (best/eval/mIoU, best/step, steps_per_s, ...): "final" repeats on_eval.
-        numbers = {k: v for k, v in summary.items() if (n := _number(v)) is not None and math.isfinite(n)}
-        self._log_metrics("summary", int(numbers.get("steps", self._last_step)), numbers)
+        self.log_summary(summary)
         self._log_artifacts(summary)
         self._end("FINISHED")
+
+    def log_summary(self, summary: Mapping[str, Any]) -> None:
+        """Logs the summary's top-level numbers (best/eval/mIoU, best/step, steps_per_s, ...); its
+        "final" entry repeats the last on_eval and is skipped."""
+        numbers = {k: v for k, v in summary.items() if (n := _number(v)) is not None and math.isfinite(n)}
+        self._log_metrics("summary", int(numbers.get("steps", self._last_step)), numbers)
 
     def log_final(self, row: Mapping[str, Any] | None = None) -> None:
         """Logs the artifacts as they are now, without ending the run (call before the last report)."""

@@ -249,7 +249,7 @@ class _Tracked:
         if not self.tracker.ended:
             self.tracker.on_train_end(summary)
             return
-        self.tracker._log_summary(summary)  # same package; TrialTracker has no public summary-only call
+        self.tracker.log_summary(summary)
         path = Path(summary.get("run_dir", "")) / "summary.json"
         if path.is_file():
             self.tracker.client.log_artifact(self.tracker.run_id, str(path))
