@@ -25,7 +25,7 @@ def test_every_embedded_manifest_loads(path):
 def test_extends_and_overrides_merge_in_order(tmp_path):
     cfg = load_config(EMBEDDED / "unimatch_s4mc_paper.yaml", ["host.w_s1=0.3"])
     assert cfg.host.name == "unimatch" and cfg.host.w_fp == 0.0 and cfg.host.w_s1 == 0.3
-    assert cfg.model.width == 0.5  # from _base.yaml
+    assert cfg.model.width == 0.25 and cfg.train.optimizer == "adamw"  # from _base.yaml
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw
 
 from .base import TensorReader
 
-EMBEDDED_VERSION = 2  # 2: muted clutter, vivid digits, fewer shapes, 1-2 larger digits  # bump when the generator's output changes; run records can cite it
+# Bump when the generator changes; run records cite it. 2: muted clutter, vivid digits, 1-2 larger digits.
+EMBEDDED_VERSION = 2
 CLASS_NAMES = ["background"] + [str(d) for d in range(10)]
 SPLITS = ("25", "50", "100", "200", "all")  # labeled-image counts, like the published VOC splits
 VAL_FRACTION = 0.3  # ours: ~54 held-out scans per digit class keeps val digits varied
