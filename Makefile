@@ -11,12 +11,12 @@ TABLE ?= embedded
 PYTEST_ARGS ?=
 UI_PORT ?= 5000
 
-# Offline, quiet services everywhere (platform-notes.md).
+# Offline, quiet services everywhere (platform-notes.md). Ray's single-node address setting lives in
+# orchestration/env.py: exported here it would break multi-node clusters.
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export AWS_EC2_METADATA_DISABLED := true
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .DEFAULT_GOAL := help

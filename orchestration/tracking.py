@@ -102,7 +102,9 @@ def ensure_experiment(name: str, artifact_location: str | None = None, tracking_
     if exp is None:
         location = artifact_location or default_artifact_location(client.tracking_uri, name)
         try:
-            return retry_locked(client.create_experiment, name, artifact_location=location)
+            # The kind tag opens the UI on training runs and their charts, not MLflow 3's GenAI view.
+            return retry_locked(client.create_experiment, name, artifact_location=location,
+                                tags={"mlflow.experimentKind": "custom_model_development"})
         except MlflowException as exc:  # another driver created it meanwhile
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
                 raise

@@ -92,8 +92,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, callbacks=(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         write_versions(run_dir / "versions.json", device)
-    writers = [MetricsWriter(run_dir, resume_step=start_step)] if is_main else []
-    cbs = CallbackList(writers + list(callbacks))
+    writer = MetricsWriter(run_dir, resume_step=start_step) if is_main else None
+    cbs = CallbackList(list(callbacks))
     cbs.on_train_start({"run_dir": str(run_dir), "total_steps": total, "start_step": start_step,
                         "num_params": sum(p.numel() for p in run.student.parameters()), "rank": rank,
                         "device": str(device)})
@@ -149,6 +149,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, callbacks=(
                                              "lower train.lr or check the data")
                 bar.set_postfix({"loss": f"{row.get('train/loss', math.nan):.3f}",
                                  "plq": f"{row.get('pl/quantity', math.nan):.2f}"}, refresh=False)
+                if writer is not None:
+                    writer.on_step(done, row)
                 cbs.on_step(done, row)
             if done % cfg.train.eval_every == 0 or done == total:
                 metrics = run.evaluate(run.student)
@@ -162,6 +164,9 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, callbacks=(
                 if is_main:
                     save_samples(run_dir / "samples" / f"step_{done:08d}.png", run)
                     bar.write(_eval_line(done, total, metrics))
+                    # The row goes to disk before the checkpoint: a crash in between replays this eval
+                    # (rows after the resumed step are dropped), never loses it.
+                    writer.on_eval(done, metrics)
                     # Checkpoint before the callbacks see the metrics: a Ray report or an early stop
                     # raised from on_eval then always has a checkpoint of this step behind it.
                     path = save_checkpoint(ckpt_dir, done, {
