@@ -51,7 +51,7 @@ train: setup ## train one run: make train CONFIG=experiments/embedded/<name>.yam
 sweep: setup ## run a sweep (embedded default offline; MANIFEST=..., RESUME=1)
 	$(VENV)/bin/s4mc-sweep run --manifest $(MANIFEST) $(if $(RESUME),--resume,) $(ARGS)
 
-ui: setup ## serve the MLflow UI on 127.0.0.1:$(UI_PORT) over the sweeps' store
+ui: setup ## serve the MLflow UI on 127.0.0.1 (UI_PORT=5000) over the sweeps' store
 	$(VENV)/bin/s4mc-sweep ui --manifest $(MANIFEST) --port $(UI_PORT)
 
 reproduce: setup ## launch a paper table's cells: make reproduce TABLE=table1 [DRY_RUN=1]

@@ -146,7 +146,7 @@ def test_embedded_budget_is_one_defaults_override():
     lt = load_table("embedded")
     assert len(lt.cells) == 15 and {rc.cell.column for rc in lt.cells} == {"25", "50", "100"}
     assert {(rc.config.train.steps, rc.config.train.eval_every, rc.config.train.device) for rc in lt.cells} == {
-        (300, 100, "cpu")}
+        (400, 100, "cpu")}  # the calibrated budget (README "Paper tables")
     assert all(rc.cell.published is None and rc.gpu_hours == 0.0 for rc in lt.cells)
     longer = load_table("embedded", ["defaults.train.steps=500"])
     assert {rc.config.train.steps for rc in longer.cells} == {500}
