@@ -121,6 +121,7 @@ class EvalConfig:
     stride_ratio: float = 0.6667  # sliding-window stride = 2/3 window (method.md §7, Cityscapes)
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
+    boundary_iou: bool = False  # also log eval/boundary_mIoU (paper Table 9)
     batch_size: int = 16
 
 

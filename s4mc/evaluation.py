@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .metrics import ConfusionMatrix
+from .metrics import BoundaryIoU, ConfusionMatrix
 
 MODES = ("full", "center_crop", "sliding")
 DEFAULT_STRIDE_RATIO = 2 / 3  # method.md §7: sliding-window stride = 2/3 of the window (Cityscapes)
@@ -185,7 +185,7 @@ def evaluate(model: nn.Module, batches: Iterable, *, num_classes: int,
              crop_size: int | Sequence[int] | None = None, stride_ratio: float = DEFAULT_STRIDE_RATIO,
              scales: Sequence[float] = (1.0,), flip: bool = False, device: torch.device | str = "cpu",
              autocast_dtype: torch.dtype | None = None, ignore_index: int = IGNORE_INDEX,
-             expected_images: int | None = None) -> dict[str, float]:
+             expected_images: int | None = None, boundary_iou: bool = False) -> dict[str, float]:
     """mIoU / per-class IoU / pixel accuracy of ``model`` over every image in ``batches``.
 
     ``batches`` yields dicts ``{"image": B x 3 x H x W normalised, "mask": B x H x W, ...}`` (a
@@ -198,6 +198,8 @@ def evaluate(model: nn.Module, batches: Iterable, *, num_classes: int,
     """
     device = torch.device(device)
     cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
+    # Boundary IoU (paper Table 9) on request: it costs an erosion per class and image.
+    bcm = BoundaryIoU(num_classes, ignore_index=ignore_index, device=device) if boundary_iou else None
     seen = 0
     was_training = model.training
     model.eval()
@@ -213,12 +215,17 @@ def evaluate(model: nn.Module, batches: Iterable, *, num_classes: int,
                                 scales=scales, flip=flip, num_classes=num_classes)
                 if mode == "center_crop":
                     mask = center_crop(mask, crop_size)
-                cm.update(probs.argmax(dim=1), mask)
+                pred = probs.argmax(dim=1)
+                cm.update(pred, mask)
+                if bcm is not None:
+                    bcm.update(pred, mask)
                 seen += image.shape[0]
     finally:
         model.train(was_training)
     if expected_images is not None and seen != expected_images:
         raise RuntimeError(f"evaluate saw {seen} images, expected {expected_images} (dropped or repeated)")
     metrics = cm.as_metrics(class_names)
+    if bcm is not None:
+        metrics.update(bcm.as_metrics(class_names))
     metrics["eval/num_images"] = float(seen)
     return metrics

@@ -137,3 +137,9 @@ def test_cli_bad_override_is_one_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip() == ("error: s4mc.neighbourhood='6' is not allowed; expected one of: "
                                   "4, 3x3, 5x5, 7x7")
+
+
+def test_boundary_iou_is_logged_on_request(tmp_path):
+    run_training(tiny_cfg("supervised", False, tmp_path, "eval.boundary_iou=true", "train.steps=2"))
+    row = read_csv(tmp_path / "eval.csv")[-1]
+    assert 0.0 <= row["eval/boundary_mIoU"] <= 100.0 and "eval/boundary_IoU/background" in row

@@ -124,7 +124,8 @@ class Run:
         return evaluate(model, loader, num_classes=self.data.num_classes, class_names=self.class_names,
                         mode=e.mode, crop_size=e.crop_size or self.cfg.data.crop_size,
                         stride_ratio=e.stride_ratio, scales=tuple(e.scales), flip=e.flip,
-                        device=self.device, autocast_dtype=dtype, expected_images=len(self.data.val))
+                        device=self.device, autocast_dtype=dtype, expected_images=len(self.data.val),
+                        boundary_iou=e.boundary_iou)
 
 
 def total_steps(cfg: DictConfig, data: DataBundle) -> int:
