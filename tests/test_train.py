@@ -143,3 +143,13 @@ def test_boundary_iou_is_logged_on_request(tmp_path):
     run_training(tiny_cfg("supervised", False, tmp_path, "eval.boundary_iou=true", "train.steps=2"))
     row = read_csv(tmp_path / "eval.csv")[-1]
     assert 0.0 <= row["eval/boundary_mIoU"] <= 100.0 and "eval/boundary_IoU/background" in row
+
+
+def test_epochs_count_images_across_data_parallel_processes():
+    from s4mc.train.build import build_data, total_steps
+
+    cfg = load_config(overrides=TINY + ["host.name=fixmatch", "train.epochs=2"])
+    data = build_data(cfg, num_strong=1, needs_unlabeled=True)
+    pool = len(data.unlabeled)  # 48 scenes - 25 labeled = 23 unlabeled, batch 2 per process
+    assert total_steps(cfg, data) == 2 * -(-pool // 2)
+    assert total_steps(cfg, data, world_size=2) == 2 * -(-pool // 4)

@@ -128,13 +128,14 @@ class Run:
                         boundary_iou=e.boundary_iou)
 
 
-def total_steps(cfg: DictConfig, data: DataBundle) -> int:
+def total_steps(cfg: DictConfig, data: DataBundle, world_size: int = 1) -> int:
     if cfg.train.epochs is None:
         return cfg.train.steps
     # Published runs count epochs over the larger of the two pools (UniMatch: the unlabeled loader).
+    # The batch is per process: a data-parallel step consumes batch x world_size images.
     pool = len(data.unlabeled) if data.unlabeled is not None else len(data.labeled)
     batch = cfg.data.unlabeled_batch_size if data.unlabeled is not None else cfg.data.batch_size
-    return cfg.train.epochs * math.ceil(pool / batch)
+    return cfg.train.epochs * math.ceil(pool / (batch * world_size))
 
 
 def build_run(cfg: DictConfig, device: torch.device) -> Run:
@@ -174,4 +175,4 @@ def build_run(cfg: DictConfig, device: torch.device) -> Run:
     if host_cls is UniMatch:
         kwargs.update(w_s1=h.w_s1, w_s2=h.w_s2, w_fp=h.w_fp, loss_scale=h.loss_scale)
     framework = host_cls(student, pseudo_labeler, **kwargs)
-    return Run(cfg, data, student, teacher, framework, optimizer, total_steps(cfg, data), device, rank, world)
+    return Run(cfg, data, student, teacher, framework, optimizer, total_steps(cfg, data, world), device, rank, world)
