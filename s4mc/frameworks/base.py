@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from s4mc.data.transforms import apply_cutmix, cutmix_box
+from s4mc.data.transforms import apply_cutmix, cutmix_boxes
 from s4mc.pseudo_label import PseudoLabeler, PseudoLabels
 
 IGNORE_INDEX = 255
@@ -75,7 +75,7 @@ class HostFramework(nn.Module):
         teacher forward (method.md §9: no extra forward in another BN mode).
         """
         b, _, h, w = images.shape
-        boxes = torch.stack([cutmix_box(h, w, generator, p=prob) for _ in range(b)]).to(images.device)
+        boxes = cutmix_boxes(b, h, w, generator, p=prob).to(images.device)
         partner = torch.randperm(b, generator=generator).to(images.device)
         mixed = apply_cutmix(images, boxes, partner)
         label = apply_cutmix(pl.label, boxes, partner)

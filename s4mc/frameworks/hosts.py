@@ -54,8 +54,7 @@ class FixMatch(HostFramework):
 
     def _weak_forward(self, labeled, unlabeled, fp: bool):
         n_l = labeled["image"].shape[0]
-        out = self.student(torch.cat([labeled["image"], unlabeled["weak"]]), feature_perturbation=fp) \
-            if fp else self.student(torch.cat([labeled["image"], unlabeled["weak"]]))
+        out = self.student(torch.cat([labeled["image"], unlabeled["weak"]]), feature_perturbation=fp)
         logits, logits_fp = out if fp else (out, None)
         return n_l, logits, logits_fp
 
