@@ -20,7 +20,7 @@ export AWS_EC2_METADATA_DISABLED := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-all lint train sweep ui reproduce report bench clean
+.PHONY: help setup test test-all lint pretrain train sweep ui reproduce report bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,16 +45,19 @@ test-all: setup ## run every test including slow ones (gpu tests skip without CU
 lint: setup ## ruff
 	$(VENV)/bin/ruff check s4mc orchestration tests scripts
 
+pretrain: setup ## pretrain (or verify the cached) digit encoder of the embedded benchmark (~65 s once)
+	$(VENV)/bin/s4mc pretrain
+
 train: setup ## train one run: make train CONFIG=experiments/embedded/<name>.yaml ARGS="key=value ..."
 	$(VENV)/bin/s4mc train --config $(CONFIG) $(ARGS)
 
-sweep: setup ## run a sweep (embedded default offline; MANIFEST=..., RESUME=1)
+sweep: setup pretrain ## run a sweep (embedded default offline; MANIFEST=..., RESUME=1)
 	$(VENV)/bin/s4mc-sweep run --manifest $(MANIFEST) $(if $(RESUME),--resume,) $(ARGS)
 
 ui: setup ## serve the MLflow UI on 127.0.0.1 (UI_PORT=5000) over the sweeps' store
 	$(VENV)/bin/s4mc-sweep ui --manifest $(MANIFEST) --port $(UI_PORT)
 
-reproduce: setup ## launch a paper table's cells: make reproduce TABLE=table1 [DRY_RUN=1]
+reproduce: setup $(if $(DRY_RUN),,pretrain) ## launch a paper table's cells: make reproduce TABLE=table1 [DRY_RUN=1]
 	$(VENV)/bin/s4mc-sweep reproduce --table $(TABLE) $(if $(DRY_RUN),--dry-run,) $(if $(RESUME),--resume,) $(ARGS)
 
 report: setup ## render a table from the MLflow runs: make report TABLE=table1

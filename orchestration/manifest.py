@@ -83,6 +83,17 @@ class TrackingConfig:
 
 
 @dataclass
+class NoiseFloorConfig:
+    """The seed noise of the sweep's default configuration, measured elsewhere (e.g. a 3-seed table).
+
+    A trial whose gap to the best is within ``value`` is no evidence of a worse configuration: the
+    sweep summary marks which differences exceed it."""
+
+    value: float | None = None  # in the metric's unit; None = not measured, no marks
+    source: str = ""  # where it was measured (file and how)
+
+
+@dataclass
 class RayManifestConfig:
     address: str | None = None  # None: a local Ray started by the sweep; env RAY_ADDRESS wins
     num_cpus: int | None = None  # local Ray only; None = all cores
@@ -112,6 +123,7 @@ class Manifest:
     ray: RayManifestConfig = field(default_factory=RayManifestConfig)
     optuna_storage: str | None = None  # default sqlite:///<project>/sweeps/<name>/optuna.db
     retries: int = 2  # Ray FailureConfig.max_failures per trial
+    noise_floor: NoiseFloorConfig = field(default_factory=NoiseFloorConfig)
 
 
 PARAM_TYPES = ("categorical", "int", "float", "loguniform")

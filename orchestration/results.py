@@ -155,13 +155,33 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def table(rows: list[dict[str, Any]], metric: str, n: int = TOP_N) -> str:
+def noise_marks(rows: list[dict[str, Any]], metric: str, floor: float | None, mode: str = "max"
+                ) -> dict[str, str]:
+    """trial -> "best" | "within noise" | "beyond noise" for trials with a full-budget score.
+
+    Only full-budget trials are compared: an early-stopped trial's score is from a shorter run."""
+    if floor is None:
+        return {}
+    full = [r for r in rows if not r.get("stopped_early") and isinstance(r.get(metric), (int, float))]
+    if not full:
+        return {}
+    best = (max if mode == "max" else min)(r[metric] for r in full)
+    marks = {}
+    for r in full:
+        gap = abs(best - r[metric])
+        marks[r["trial"]] = "best" if gap == 0 else ("within noise" if gap <= floor else "beyond noise")
+    return marks
+
+
+def table(rows: list[dict[str, Any]], metric: str, n: int = TOP_N, marks: dict[str, str] | None = None) -> str:
     """The top trials as a Markdown table (also printed to the console)."""
     params = list(dict.fromkeys(k for row in rows[:n] for k in row["params"]))
-    cols = ["trial", "state", "evaluations", *dict.fromkeys((metric, *TABLE_METRICS)), *params]
+    extra = ["vs best"] if marks else []
+    cols = ["trial", "state", "evaluations", *dict.fromkeys((metric, *TABLE_METRICS)), *extra, *params]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows[:n]:
-        cells = [_fmt(row.get(c) if c not in params else row["params"].get(c)) for c in cols]
+        cells = [_fmt(marks.get(row["trial"], "-") if c == "vs best" else
+                      row.get(c) if c not in params else row["params"].get(c)) for c in cols]
         if row.get("default"):
             cells[0] += " (default)"
         lines.append("| " + " | ".join(cells) + " |")
@@ -195,10 +215,18 @@ def write_outputs(result, m, manifest_path: str | None, echo=print) -> list[Path
                    f"wall-clock with >= 1 trial training; orchestration overhead "
                    f"{100 * timing['overhead_fraction']:.1f}% of wall time; trial-slot utilisation "
                    f"{100 * timing['slot_utilisation']:.1f}% (docs/sweeps.md)")
+    floor = m.noise_floor.value
+    marks = noise_marks(rows, m.metric, floor, m.mode)
+    noise_text = (f"seed noise floor of the default configuration: {floor:g} {m.metric} ({m.noise_floor.source}); "
+                  f"'vs best' marks full-budget trials whose gap to the best is within it (no evidence of a "
+                  f"difference) or beyond it: {sum(v == 'beyond noise' for v in marks.values())} beyond, "
+                  f"{sum(v == 'within noise' for v in marks.values())} within"
+                  if floor is not None else "seed noise floor: not measured (noise_floor.value in the manifest)")
     ui = _ui_command(m, manifest_path)
     status = "INTERRUPTED - resume with --resume (make sweep RESUME=1)" if result.interrupted else "finished"
     md = "\n\n".join([f"# Sweep {m.name} ({status})", best_text.replace("\n  ", "\n- "),
-                      f"## Top trials ({len(rows)} in all, ranked: full budget first)", table(rows, m.metric),
+                      f"## Top trials ({len(rows)} in all, ranked: full budget first)", noise_text,
+                      table(rows, m.metric, marks=marks),
                       "## Timing", timing_text, f"MLflow UI: `{ui}`"]) + "\n"
     (out / "results.md").write_text(md)
     summary = {"name": m.name, "status": "interrupted" if result.interrupted else "finished",
@@ -206,11 +234,13 @@ def write_outputs(result, m, manifest_path: str | None, echo=print) -> list[Path
                "timing": timing, "num_trials": len(rows), "states": _count(rows, "state"),
                "stopped_early": sum(r["stopped_early"] for r in rows), "errors": result.errors,
                "parent_run_id": result.parent_run_id, "tracking_uri": m.tracking.uri,
-               "experiment": m.tracking.experiment, "storage": m.storage, "ui": ui}
+               "experiment": m.tracking.experiment, "storage": m.storage, "ui": ui,
+               "noise_floor": {"value": floor, "source": m.noise_floor.source, "marks": marks}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     echo(f"\n[sweep {m.name}] {status}: {len(rows)} trials {_count(rows, 'state')}")
     echo(best_text)
-    echo(table(rows, m.metric))
+    echo(noise_text)
+    echo(table(rows, m.metric, marks=marks))
     echo(timing_text)
     for err in result.errors:
         echo(f"error: {err}")

@@ -76,6 +76,13 @@ class HostConfig:
     w_s2: float = 0.25
     w_fp: float = 0.5
     loss_scale: float = 0.5
+    # Host fidelity switches (docs/hosts.md). None = the host's own default, the table
+    # STUDENT_PHOTOMETRIC in s4mc/frameworks/hosts.py: cutmix_seg False (the student sees the CutMix
+    # of the weak views), fixmatch / unimatch True (photometric strong views + CutMix).
+    student_photometric: bool | None = None
+    # CutMix partner within the unlabeled batch: "derangement" (no sample mixed with itself; ours,
+    # docs/hosts.md) or "shuffle" (a plain permutation, ~1/B samples paired with themselves).
+    cutmix_partner: str = "derangement"
 
 
 @dataclass
@@ -90,12 +97,21 @@ class S4MCConfig:
     joint: str = "independent"
     selection: str = "max"
     alpha0: float = 0.4  # paper Table 6 best
+    # Cap the expected joint at q (Frechet bound, s4mc/refine.py); False = the released code's
+    # uncapped J = max(p q, p E_c) (docs/hosts.md).
+    clamp_joint: bool = True
+    # E_c estimation: a void (ignore) neighbour counts as "different class" (the released estimator,
+    # docs/hosts.md) or the pair is excluded; with "exclude" void outlines make E_c ~ 1.
+    cooccurrence_void: str = "different"
 
 
 @dataclass
 class TrainConfig:
     steps: int = 600  # optimisation steps (iterations); the schedule runs per step (method.md §4)
     epochs: int | None = None  # if set, steps = epochs x ceil(len(pool) / batch) (published runs)
+    # Steps trained on the supervised loss alone before the unsupervised loss counts (the released
+    # U2PL-based S4MC code's sup_only_epoch; docs/hosts.md). 0 = none, as the S4MC paper describes.
+    sup_only_steps: int = 0
     # sgd: the published set-up (method.md §7). adamw: ours for the from-scratch embedded CPU runs,
     # where SGD sat on the all-background plateau for 1000+ steps (measured, README "Embedded").
     optimizer: str = "sgd"
@@ -123,6 +139,9 @@ class EvalConfig:
     flip: bool = False
     boundary_iou: bool = False  # also log eval/boundary_mIoU (paper Table 9)
     batch_size: int = 16
+    # Which network is evaluated (and picks best.pt): auto = the EMA teacher when the host has one
+    # (U2PL / S4MC's CutMix-Seg code), else the student (FixMatch, UniMatch); docs/hosts.md.
+    model: str = "auto"
 
 
 @dataclass
@@ -152,14 +171,17 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "data.split_family": ("unimatch", "u2pl"),
     "host.name": ("supervised", "cutmix_seg", "fixmatch", "unimatch"),
     "host.threshold_confidence": ("max", "entropy", "margin"),
+    "host.cutmix_partner": ("derangement", "shuffle"),
     "s4mc.confidence": ("max", "entropy", "margin"),
     "s4mc.neighbourhood": ("4", "3x3", "5x5", "7x7"),
     "s4mc.beta": ("one", "decay"),
     "s4mc.joint": ("independent", "expected"),
     "s4mc.selection": ("max", "min", "random"),
+    "s4mc.cooccurrence_void": ("different", "exclude"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.optimizer": ("sgd", "adamw"),
     "eval.mode": ("full", "center_crop", "sliding"),
+    "eval.model": ("auto", "teacher", "student"),
 }
 
 # (low, high, low_inclusive, high_inclusive)
@@ -188,6 +210,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "s4mc.alpha0": (0.0, 1.0, True, True),
     "train.steps": (1, 10**9, True, True),
     "train.epochs": (1, 10**6, True, True),
+    "train.sup_only_steps": (0, 10**9, True, True),
     "train.lr": (0.0, 10.0, False, True),
     "train.head_lr_mult": (0.0, 1e4, False, True),
     "train.momentum": (0.0, 1.0, True, False),
@@ -250,6 +273,20 @@ def validate(cfg: DictConfig) -> None:
         # Checkpoints are written at evaluations; aligned log points keep resumed logs identical.
         raise ConfigError(f"train.eval_every={cfg.train.eval_every} is not a multiple of "
                           f"train.log_every={cfg.train.log_every}")
+    if cfg.train.epochs is None and cfg.train.sup_only_steps >= cfg.train.steps:
+        # With epochs the step count is known only once the data is built (s4mc/train/build.py).
+        raise ConfigError(f"train.sup_only_steps={cfg.train.sup_only_steps} leaves no semi-supervised "
+                          f"step of train.steps={cfg.train.steps}; expected a value < train.steps")
+    if cfg.eval.model == "teacher":
+        from s4mc.frameworks.hosts import HOSTS  # lazy: the schema itself needs no torch
+
+        if not HOSTS[cfg.host.name].uses_ema_teacher:
+            raise ConfigError(f"eval.model='teacher' but host.name={cfg.host.name!r} has no EMA teacher; "
+                              "expected eval.model=auto or student")
+    if cfg.model.pretrained == "embedded" and cfg.data.name != "embedded":
+        # s4mc/pretrain.py: the digit encoder exists for the embedded benchmark only.
+        raise ConfigError(f"model.pretrained='embedded' is the embedded benchmark's digit encoder; "
+                          f"data.name={cfg.data.name!r} needs a weights file path (ImageNet weights)")
     if cfg.data.name != "embedded" and not cfg.data.root:
         raise ConfigError(f"data.root is required for data.name={cfg.data.name!r}; "
                           "expected a local path or an s3:// URI")

@@ -27,6 +27,8 @@ NEIGHBOURHOODS = ("3x3", "4", "5x5", "7x7")
 BETAS = ("one", "decay")
 JOINTS = ("independent", "expected")
 SELECTIONS = ("max", "min", "random")
+# How estimate_cooccurrence treats a void (ignore) neighbour; the first is the default (docs/hosts.md).
+VOID_RULES = ("different", "exclude")
 
 _RADIUS = {"3x3": 1, "5x5": 2, "7x7": 3}
 
@@ -188,16 +190,23 @@ def estimate_cooccurrence(
     num_classes: int,
     neighbourhood: str = "3x3",
     ignore_index: int = 255,
+    void: str = "different",
 ) -> Tensor:
     """E_c = P(a neighbour of a class-c pixel is class c), float32 tensor of length ``num_classes``.
 
     ``masks``: one H x W or B x H x W label tensor / array, or an iterable of them (sizes may
     differ). Counts of (pixel, neighbour) pairs are accumulated over all masks before dividing, so
     large images weigh more, as in a pixel-level probability. Only pairs with both pixels inside the
-    image and neither equal to ``ignore_index`` count; a class never seen gets E_c = 0 (not NaN).
+    image and a centre pixel not equal to ``ignore_index`` count; a class never seen gets E_c = 0
+    (not NaN). ``void`` decides a pair whose neighbour is ``ignore_index``: "different" counts it as
+    a neighbour of another class (in the total, never in "same"), as the released estimator does;
+    "exclude" drops the pair. VOC outlines every object with void, so "exclude" removes nearly every
+    pair that crosses a class boundary and drives E_c of object classes to ~1 (docs/hosts.md).
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"estimate_cooccurrence num_classes={num_classes!r} must be a positive int")
+    if void not in VOID_RULES:
+        raise ValueError(f"estimate_cooccurrence void={void!r} is not one of {VOID_RULES}")
     offsets = neighbour_offsets(neighbourhood)
     if isinstance(masks, Tensor | np.ndarray):
         masks = [masks]
@@ -218,7 +227,9 @@ def estimate_cooccurrence(
                 continue
             a = m[..., y0:y1, x0:x1]
             b = m[..., y0 + dy:y1 + dy, x0 + dx:x1 + dx]
-            ok = (a != ignore_index) & (b != ignore_index)
+            ok = a != ignore_index
+            if void == "exclude":
+                ok &= b != ignore_index
             total += torch.bincount(a[ok], minlength=num_classes).cpu()
             same += torch.bincount(a[ok & (a == b)], minlength=num_classes).cpu()
     return torch.where(total > 0, same.double() / total.clamp(min=1).double(), 0.0).float()

@@ -25,7 +25,8 @@ def test_every_embedded_manifest_loads(path):
 def test_extends_and_overrides_merge_in_order(tmp_path):
     cfg = load_config(EMBEDDED / "unimatch_s4mc_paper.yaml", ["host.w_s1=0.3"])
     assert cfg.host.name == "unimatch" and cfg.host.w_fp == 0.0 and cfg.host.w_s1 == 0.3
-    assert cfg.model.width == 0.25 and cfg.train.optimizer == "adamw"  # from _base.yaml
+    assert cfg.model.width == 0.25 and cfg.train.optimizer == "sgd"  # from _base.yaml
+    assert cfg.model.pretrained == "embedded" and cfg.data.split == "30" and cfg.train.sup_only_steps == 300
 
 
 @pytest.mark.parametrize("override, needle", [
@@ -37,6 +38,12 @@ def test_extends_and_overrides_merge_in_order(tmp_path):
     ("train.lr=-1", "train.lr=-1"),
     ("host.threshold=1.5", "host.threshold=1.5"),
     ("train.eval_every=15", "train.eval_every=15 is not a multiple"),
+    ("host.cutmix_partner=roll", "host.cutmix_partner='roll' is not allowed; expected one of: derangement, shuffle"),
+    ("eval.model=ema", "eval.model='ema' is not allowed; expected one of: auto, teacher, student"),
+    ("s4mc.cooccurrence_void=ignore", "s4mc.cooccurrence_void='ignore' is not allowed"),
+    ("train.sup_only_steps=-1", "train.sup_only_steps=-1 is out of range"),
+    ("train.sup_only_steps=600", "train.sup_only_steps=600 leaves no semi-supervised step of train.steps=600"),
+    ("host.student_photometric=maybe", "host.student_photometric"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as err:
@@ -71,3 +78,36 @@ def test_real_data_needs_a_root():
 def test_flatten_gives_dotted_keys():
     flat = flatten(load_config())
     assert flat["s4mc.neighbourhood"] == "3x3" and flat["model.aspp_rates"] == [6, 12, 18]
+
+
+def test_host_fidelity_defaults():
+    cfg = load_config()
+    assert cfg.host.student_photometric is None  # resolved per host (s4mc/frameworks/hosts.py)
+    assert cfg.host.cutmix_partner == "derangement" and cfg.train.sup_only_steps == 0
+    assert cfg.eval.model == "auto" and cfg.s4mc.clamp_joint is True
+    assert cfg.s4mc.cooccurrence_void == "different"
+    # With train.epochs the step count is unknown here; s4mc/train/build.py checks it then.
+    assert load_config(overrides=["train.epochs=1", "train.sup_only_steps=600"]).train.sup_only_steps == 600
+
+
+@pytest.mark.parametrize("host", ["supervised", "fixmatch", "unimatch"])
+def test_eval_model_teacher_needs_an_ema_teacher(host):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[f"host.name={host}", "eval.model=teacher"])
+    assert str(err.value) == (f"eval.model='teacher' but host.name={host!r} has no EMA teacher; "
+                              "expected eval.model=auto or student")
+    assert load_config(overrides=["host.name=cutmix_seg", "eval.model=teacher"]).eval.model == "teacher"
+
+
+def test_released_refinement_variant_resolves():
+    import math
+
+    from s4mc.refine import neighbour_offsets, neighbour_weight
+
+    cfg = load_config(EMBEDDED / "cutmix_seg_s4mc_released.yaml")
+    s = cfg.s4mc
+    assert (s.neighbourhood, s.beta, s.joint, s.clamp_joint) == ("4", "decay", "expected", False)
+    assert s.enabled and s.k == 1 and s.cooccurrence_void == "different" and cfg.host.name == "cutmix_seg"
+    assert cfg.run.name == "embedded_cutmix_seg_s4mc_released"
+    # The released code's weight: exp(-1/2) at distance 1, which is every 4-connected neighbour.
+    assert {neighbour_weight(dy, dx, "decay") for dy, dx in neighbour_offsets("4")} == {math.exp(-0.5)}

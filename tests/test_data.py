@@ -31,6 +31,7 @@ from s4mc.data import (
     make_embedded,
     save_preview,
 )
+from s4mc.data.embedded import DIGITS_PER_SCENE, digit_partition
 from s4mc.data.transforms import adjust_hue, color_jitter, gaussian_blur
 
 SMALL = {"image_size": 64, "num_train": 40, "num_val": 10, "seed": 3}
@@ -281,11 +282,14 @@ def test_embedded_content(embedded):
     assert counts.numel() == 11 and (counts > 0).all()
     assert 0.02 < 1 - counts[0] / masks.numel() < 0.3  # digits present, background dominant
     assert (masks.flatten(1) > 0).any(1).all()  # every scene holds a visible digit
+    assert DIGITS_PER_SCENE == 1  # one digit per scene: each mask holds background and one digit class
+    assert all(len(torch.unique(m[m > 0])) == 1 for m in masks)
 
 
 def test_val_digits_are_held_out(embedded):
     tr, va = set(embedded.train_digits.tolist()), set(embedded.val_digits.tolist())
-    assert not tr & va and len(tr) + len(va) == 1797
+    pre = set(digit_partition(embedded.seed)["pretrain"].tolist())  # never in a scene (test_pretrain.py)
+    assert not tr & va and not (tr | va) & pre and len(tr) + len(va) + len(pre) == 1797
     assert set(embedded.used_digits["train"].tolist()) <= tr
     assert set(embedded.used_digits["val"].tolist()) <= va
 
@@ -299,10 +303,23 @@ def test_labeled_splits_are_nested(embedded):
         prev = set(lab)
     lab, unl = embedded.split_indices("all")
     assert lab == list(range(2000)) and unl == []
-    assert embedded.split_indices("25", seed=1)[0] != embedded.split_indices("25", seed=0)[0]
-    for bad in ("30", "full", 0, 2001):
-        with pytest.raises(ValueError, match="allowed 25, 50, 100, 200, all"):
+    assert embedded.split_indices("30", seed=1)[0] != embedded.split_indices("30", seed=0)[0]
+    for bad in ("25", "full", 0, 2001):
+        with pytest.raises(ValueError, match="allowed 10, 20, 30, 50, 100, 200, all"):
             embedded.split_indices(bad)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_labeled_splits_are_class_stratified(embedded, seed):
+    """A split of 10 k scenes holds k scenes of every digit (one digit per scene)."""
+    scene_class = [int(torch.bincount(m.flatten().long(), minlength=11)[1:].argmax()) for m in embedded.train.masks]
+    for name in SPLITS[:-1]:
+        lab, _ = embedded.split_indices(name, seed=seed)
+        counts = np.bincount([scene_class[i] for i in lab], minlength=10)
+        assert counts.tolist() == [int(name) // 10] * 10, (name, counts)
+    # A count that is not a multiple of 10 still spreads over the classes as evenly as possible.
+    counts = np.bincount([scene_class[i] for i in embedded.split_indices(15, seed=seed)[0]], minlength=10)
+    assert sorted(counts.tolist()) == [1] * 5 + [2] * 5
 
 
 def test_save_preview(tmp_path):

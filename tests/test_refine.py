@@ -346,7 +346,7 @@ def test_random_reaches_every_neighbour():
 # estimate_cooccurrence
 
 
-def ref_cooccurrence(masks, C, neighbourhood, ignore=255):
+def ref_cooccurrence(masks, C, neighbourhood, ignore=255, void="different"):
     same, total = np.zeros(C), np.zeros(C)
     for m in masks:
         m = np.asarray(m)
@@ -356,7 +356,7 @@ def ref_cooccurrence(masks, C, neighbourhood, ignore=255):
                 continue
             for dy, dx in ref_offsets(neighbourhood):
                 yy, xx = y + dy, x + dx
-                if 0 <= yy < H and 0 <= xx < W and m[yy, xx] != ignore:
+                if 0 <= yy < H and 0 <= xx < W and (void == "different" or m[yy, xx] != ignore):
                     total[m[y, x]] += 1
                     same[m[y, x]] += m[yy, xx] == m[y, x]
     return np.where(total > 0, same / np.maximum(total, 1), 0.0)
@@ -364,12 +364,20 @@ def ref_cooccurrence(masks, C, neighbourhood, ignore=255):
 
 def test_cooccurrence_hand():
     m = torch.tensor([[0, 0], [1, 255]])
-    np.testing.assert_allclose(estimate_cooccurrence(m, 3), [0.5, 0.0, 0.0])
-    np.testing.assert_allclose(estimate_cooccurrence(m, 3, neighbourhood="4"), [2 / 3, 0.0, 0.0], rtol=1e-6)
+    # Each 0 has neighbours {0, 1, void} in 3x3: a void neighbour counts as "different" by default.
+    np.testing.assert_allclose(estimate_cooccurrence(m, 3), [1 / 3, 0.0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(estimate_cooccurrence(m, 3, neighbourhood="4"), [0.5, 0.0, 0.0])
+    np.testing.assert_allclose(estimate_cooccurrence(m, 3, void="exclude"), [0.5, 0.0, 0.0])
+    np.testing.assert_allclose(estimate_cooccurrence(m, 3, neighbourhood="4", void="exclude"),
+                               [2 / 3, 0.0, 0.0], rtol=1e-6)
+    # A void centre pixel is skipped under both rules: all-void masks count nothing.
+    for void in ("different", "exclude"):
+        assert torch.equal(estimate_cooccurrence(torch.full((3, 3), 255), 2, void=void), torch.zeros(2))
 
 
+@pytest.mark.parametrize("void", ["different", "exclude"])
 @pytest.mark.parametrize("neighbourhood", NEIGHBOURHOODS)
-def test_cooccurrence_matches_reference(neighbourhood):
+def test_cooccurrence_matches_reference(neighbourhood, void):
     rng = np.random.default_rng(0)
     masks = []
     for H, W in [(5, 7), (1, 4), (6, 1), (8, 8)]:
@@ -377,8 +385,8 @@ def test_cooccurrence_matches_reference(neighbourhood):
         m[rng.random((H, W)) < 0.2] = 255
         masks.append(m)
     masks[-1][:4] = 2  # a large same-class region so E differs between classes
-    got = estimate_cooccurrence(masks, 5, neighbourhood=neighbourhood)
-    ref = ref_cooccurrence(masks, 5, neighbourhood)
+    got = estimate_cooccurrence(masks, 5, neighbourhood=neighbourhood, void=void)
+    ref = ref_cooccurrence(masks, 5, neighbourhood, void=void)
     np.testing.assert_allclose(got.numpy(), ref, rtol=1e-6)
     assert got[4] == 0 and torch.isfinite(got).all()  # class 4 never appears: 0, not NaN
     # A B x H x W tensor is the same as its images listed one by one.
@@ -393,3 +401,5 @@ def test_cooccurrence_bad_input():
     with pytest.raises(ValueError, match="integer"):
         estimate_cooccurrence(torch.zeros(2, 2), 3)
     assert torch.equal(estimate_cooccurrence([], 4), torch.zeros(4))
+    with pytest.raises(ValueError, match="void='ignore'"):
+        estimate_cooccurrence(torch.zeros(2, 2, dtype=torch.long), 3, void="ignore")

@@ -30,7 +30,10 @@ BASE = REPO / "experiments" / "embedded" / "cutmix_seg_s4mc.yaml"
 # A few seconds per trial on 2 cores (measured: ~1.6 s of steps, ~2 s to build data and model).
 TINY = ["train.steps=6", "train.eval_every=3", "train.log_every=1", "data.embedded.num_train=64",
         "data.embedded.num_val=16", "data.embedded.image_size=32", "data.crop_size=32", "model.width=0.25",
-        "eval.batch_size=16"]
+        "eval.batch_size=16",
+        # cutmix_seg_s4mc.yaml inherits the digit-pretrained encoder and a 300-step warm-up (_base.yaml):
+        # a 6-step trial from scratch with no warm-up keeps every step semi-supervised and skips pretraining.
+        "model.pretrained=null", "train.sup_only_steps=0"]
 SPACE = [{"key": "s4mc.neighbourhood", "type": "categorical", "choices": ["4", "3x3", "5x5"]},
          {"key": "s4mc.beta", "type": "categorical", "choices": ["one", "decay"],
           "when": {"key": "s4mc.neighbourhood", "not_equals": "4"}},

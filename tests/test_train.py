@@ -18,7 +18,7 @@ from s4mc.train.callbacks import read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.embedded.image_size=32", "data.embedded.num_train=48", "data.embedded.num_val=6",
-        "data.crop_size=32", "data.split=25", "data.batch_size=2", "data.unlabeled_batch_size=2",
+        "data.crop_size=32", "data.split=20", "data.batch_size=2", "data.unlabeled_batch_size=2",
         "model.width=0.25", "model.head_channels=32", "train.steps=4", "train.eval_every=2",
         "train.log_every=1", "train.threads=1", "train.progress=false", "eval.batch_size=6"]
 
@@ -150,6 +150,112 @@ def test_epochs_count_images_across_data_parallel_processes():
 
     cfg = load_config(overrides=TINY + ["host.name=fixmatch", "train.epochs=2"])
     data = build_data(cfg, num_strong=1, needs_unlabeled=True)
-    pool = len(data.unlabeled)  # 48 scenes - 25 labeled = 23 unlabeled, batch 2 per process
+    pool = len(data.unlabeled)  # 48 scenes - 20 labeled = 28 unlabeled, batch 2 per process
     assert total_steps(cfg, data) == 2 * -(-pool // 2)
     assert total_steps(cfg, data, world_size=2) == 2 * -(-pool // 4)
+
+
+# ------------------------------------------------------------------ host fidelity (docs/hosts.md)
+
+class Rows:
+    """Records the rows the trainer hands to callbacks."""
+
+    def __init__(self):
+        self.train, self.eval = {}, {}
+
+    def on_step(self, step, metrics):
+        self.train[step] = dict(metrics)
+
+    def on_eval(self, step, metrics):
+        self.eval[step] = dict(metrics)
+
+
+def test_supervised_warm_up_steps(tmp_path):
+    from s4mc.train.build import build_run
+
+    rows = Rows()
+    cfg = tiny_cfg("cutmix_seg", True, tmp_path, "train.sup_only_steps=2", "train.keep_checkpoints=2")
+    run_training(cfg, callbacks=[rows])
+    for step in (1, 2):  # steps 0 and 1: the supervised loss alone, no pseudo-labels at all
+        row = rows.train[step]
+        assert row["train/loss"] == row["train/loss_sup"] and "train/loss_unsup" not in row
+        assert not [k for k in row if k.startswith("pl/")]
+    for step in (3, 4):
+        row = rows.train[step]
+        assert {"pl/quantity", "pl/quality", "train/loss_unsup"} <= set(row)
+        assert row["train/loss"] == pytest.approx(row["train/loss_sup"] + row["train/loss_unsup"])
+    # The eval after the warm-up has no pl/* averages; the next one does. Both are valid rows.
+    assert not [k for k in rows.eval[2] if k.startswith("pl/")] and "pl/quantity" in rows.eval[4]
+    eval_rows = read_csv(tmp_path / "eval.csv")
+    assert [r["step"] for r in eval_rows] == [2, 4] and eval_rows[0]["pl/quantity"] != eval_rows[0]["pl/quantity"]
+    assert [r["step"] for r in read_csv(tmp_path / "train.csv")] == [1, 2, 3, 4]
+    # The EMA teacher follows the student during the warm-up.
+    init = build_run(cfg, torch.device("cpu")).student.state_dict()
+    teacher = torch.load(tmp_path / "checkpoints" / "step_00000002.pt", weights_only=False)["teacher"]
+    assert any(not torch.equal(teacher[k], init[k]) for k in init if init[k].is_floating_point())
+
+
+def test_resume_inside_the_warm_up_equals_uninterrupted(tmp_path):
+    extra = ["train.steps=6", "train.sup_only_steps=3"]
+    full = run_training(tiny_cfg("cutmix_seg", True, tmp_path / "a", *extra))
+    run_training(tiny_cfg("cutmix_seg", True, tmp_path / "b", *extra), callbacks=[StopAt(2)])
+    resumed = run_training(tiny_cfg("cutmix_seg", True, tmp_path / "b", *extra))  # from step 2 < 3
+    assert _comparable(resumed["final"]) == _comparable(full["final"])
+    assert (tmp_path / "a" / "train.csv").read_text() == (tmp_path / "b" / "train.csv").read_text()
+    assert _eval_rows(tmp_path / "a") == _eval_rows(tmp_path / "b")
+
+
+def test_sup_only_steps_must_leave_a_semi_supervised_step(tmp_path):
+    from s4mc.config import ConfigError
+
+    cfg = tiny_cfg("fixmatch", True, tmp_path, "train.epochs=1", "train.sup_only_steps=14")
+    with pytest.raises(ConfigError, match="train.sup_only_steps=14 leaves no semi-supervised step of the 14"):
+        run_training(cfg)  # 28 unlabeled scenes / batch 2 = 14 steps, known once the data is built
+
+
+@pytest.mark.parametrize("host, choice, expected", [("cutmix_seg", "auto", "teacher"),
+                                                    ("cutmix_seg", "student", "student"),
+                                                    ("fixmatch", "auto", "student")])
+def test_eval_model_is_the_one_evaluated(tmp_path, monkeypatch, host, choice, expected):
+    from s4mc.train.build import Run
+
+    seen = []
+    original = Run.evaluate
+
+    def spy(self, model):
+        seen.append("teacher" if model is self.teacher else "student" if model is self.student else "?")
+        return original(self, model)
+
+    monkeypatch.setattr(Run, "evaluate", spy)
+    summary = run_training(tiny_cfg(host, True, tmp_path, f"eval.model={choice}", "train.steps=2"))
+    assert seen == [expected]
+    assert summary["eval_model"] == expected
+    assert json.loads((tmp_path / "summary.json").read_text())["eval_model"] == expected
+    assert read_csv(tmp_path / "eval.csv")[0]["eval/model_is_teacher"] == float(expected == "teacher")
+    assert yaml_value(tmp_path / "config.yaml", "eval", "model") == choice  # the config keeps "auto"
+
+
+def yaml_value(path: Path, *keys: str):
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(path)
+    for key in keys:
+        node = node[key]
+    return node
+
+
+def test_every_step_steps_the_optimizer(tmp_path):
+    """Fails on a trainer that steps the optimizer once per epoch (or once per run), the released
+    U2PL-based code's defect (method.md §9): AdamW counts its steps per parameter."""
+    n = 4
+    run_training(tiny_cfg("cutmix_seg", True, tmp_path, "train.optimizer=adamw", f"train.steps={n}",
+                          "train.keep_checkpoints=2"))
+    ckpts = [torch.load(tmp_path / "checkpoints" / f"step_{s:08d}.pt", weights_only=False) for s in (2, 4)]
+    state = ckpts[1]["optimizer"]
+    num_params = sum(len(g["params"]) for g in state["param_groups"])
+    assert len(state["state"]) == num_params  # every parameter got a gradient and an update
+    assert {float(s["step"]) for s in state["state"].values()} == {float(n)}
+    assert {float(s["step"]) for s in ckpts[0]["optimizer"]["state"].values()} == {2.0}
+    before, after = ckpts[0]["student"], ckpts[1]["student"]
+    params = [k for k, v in after.items() if v.is_floating_point() and "running" not in k]
+    assert all(not torch.equal(before[k], after[k]) for k in params)

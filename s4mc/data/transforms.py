@@ -280,6 +280,25 @@ def cutmix_boxes(batch_size: int, h: int, w: int, generator: torch.Generator, **
     return torch.stack([cutmix_box(h, w, generator, **kwargs) for _ in range(batch_size)])
 
 
+def random_derangement(n: int, generator: torch.Generator) -> Tensor:
+    """A uniformly random permutation of ``range(n)`` with no fixed point, drawn from ``generator``.
+
+    The CutMix partner of every sample is then another sample (docs/hosts.md). Rejection sampling:
+    a uniform permutation is accepted when no index maps to itself, so the accepted one is uniform
+    over derangements; acceptance tends to 1/e, about 2.7 draws on average (and 1/2 for n = 2).
+    n = 1 has no derangement: a lone sample's only partner is itself, so ``[0]`` is returned.
+    """
+    if n < 1:
+        raise ValueError(f"random_derangement n={n}: need n >= 1")
+    if n == 1:
+        return torch.zeros(1, dtype=torch.int64)
+    identity = torch.arange(n)
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        if not bool((perm == identity).any()):
+            return perm
+
+
 def apply_cutmix(images: Tensor, box: Tensor, partner_index: Tensor | int = 1) -> Tensor:
     """Paste ``images[partner_index[b]]`` into sample b inside ``box`` (``B x H x W`` or ``H x W``).
 

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from s4mc.data.transforms import apply_cutmix, cutmix_boxes
+from s4mc.data.transforms import apply_cutmix, cutmix_boxes, random_derangement
 from s4mc.pseudo_label import PseudoLabeler, PseudoLabels
 
 IGNORE_INDEX = 255
+CUTMIX_PARTNERS = ("derangement", "shuffle")  # docs/hosts.md
 
 
 def supervised_loss(logits: Tensor, mask: Tensor) -> Tensor:
@@ -50,17 +51,34 @@ class HostFramework(nn.Module):
     num_strong_views = 1
 
     def __init__(self, student: nn.Module, pseudo_labeler: PseudoLabeler | None, unsup_weight: float,
-                 cutmix_prob: float = 0.5, teacher: nn.Module | None = None):
+                 cutmix_prob: float = 0.5, teacher: nn.Module | None = None,
+                 student_photometric: bool = True, cutmix_partner: str = "derangement"):
         super().__init__()
+        if cutmix_partner not in CUTMIX_PARTNERS:
+            raise ValueError(f"cutmix_partner={cutmix_partner!r} is not one of {CUTMIX_PARTNERS}")
         self.student = student
         self.teacher = teacher
         self.pseudo_labeler = pseudo_labeler
         self.unsup_weight = unsup_weight
         self.cutmix_prob = cutmix_prob
+        self.student_photometric = bool(student_photometric)
+        self.cutmix_partner = cutmix_partner
 
     def step(self, labeled: dict, unlabeled: dict | None, progress: float,
              generator: torch.Generator) -> StepResult:
         raise NotImplementedError
+
+    def supervised_step(self, labeled: dict) -> StepResult:
+        """Labeled data alone: the supervised host's step and every host's warm-up step
+        (train.sup_only_steps). No teacher forward and no pseudo-labels, hence no pl/* metrics; the
+        loss is the plain supervised CE, unscaled, as in the released U2PL-based code (docs/hosts.md)."""
+        loss = supervised_loss(self.student(labeled["image"]), labeled["mask"])
+        return StepResult(loss, {"train/loss": loss.detach(), "train/loss_sup": loss.detach()})
+
+    def student_view(self, unlabeled: dict, k: int = 1) -> Tensor:
+        """The unlabeled view the student's k-th stream is mixed from: the photometric strong view,
+        or, with student_photometric off, the weak (geometric only) view (docs/hosts.md)."""
+        return unlabeled[f"strong{k}"] if self.student_photometric else unlabeled["weak"]
 
     def pseudo_label(self, probs: Tensor, unlabeled: dict, progress: float,
                      generator: torch.Generator) -> PseudoLabels:
@@ -72,11 +90,16 @@ class HostFramework(nn.Module):
         """CutMix within the unlabeled batch: image, pseudo-label, keep and valid share one box.
 
         The partner is a permutation of the same batch, so its pseudo-labels come from the same
-        teacher forward (method.md §9: no extra forward in another BN mode).
+        teacher forward (method.md §9: no extra forward in another BN mode). "derangement" never
+        pairs a sample with itself (except for B = 1, where no other partner exists); "shuffle" is a
+        plain permutation, where about 1/B of the samples are their own partner and get no mix.
         """
         b, _, h, w = images.shape
         boxes = cutmix_boxes(b, h, w, generator, p=prob).to(images.device)
-        partner = torch.randperm(b, generator=generator).to(images.device)
+        if self.cutmix_partner == "derangement":
+            partner = random_derangement(b, generator).to(images.device)
+        else:
+            partner = torch.randperm(b, generator=generator).to(images.device)
         mixed = apply_cutmix(images, boxes, partner)
         label = apply_cutmix(pl.label, boxes, partner)
         keep = apply_cutmix(pl.keep, boxes, partner)

@@ -6,7 +6,8 @@
 - fixmatch: one network; its own no-grad prediction on the weak view labels the strong view.
 - unimatch: FixMatch with two strong views and a feature-perturbation stream.
 Labeled and weak unlabeled images share one forward pass where the host allows it, so pseudo-labels
-and confidences always come from the same output (method.md §9).
+and confidences always come from the same output (method.md §9). What the student sees and which
+network is evaluated follow each host's own paper / code by default (docs/hosts.md).
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from torch import Tensor
 
 from s4mc.frameworks.base import HostFramework, StepResult, supervised_loss, unsupervised_loss
 
+# host.student_photometric=None resolves here: does the student's CutMix start from photometric strong
+# views (colour jitter, grayscale, blur)? CutMix-Seg (French et al.) and the released S4MC CutMix-Seg
+# code (built on U2PL) mix the weak views; FixMatch / UniMatch use strong views (docs/hosts.md).
+STUDENT_PHOTOMETRIC: dict[str, bool] = {"cutmix_seg": False, "fixmatch": True, "unimatch": True}
+
 
 class Supervised(HostFramework):
     name = "supervised"
@@ -23,8 +29,7 @@ class Supervised(HostFramework):
     num_strong_views = 0
 
     def step(self, labeled, unlabeled, progress, generator) -> StepResult:
-        loss = supervised_loss(self.student(labeled["image"]), labeled["mask"])
-        return StepResult(loss, {"train/loss": loss.detach(), "train/loss_sup": loss.detach()})
+        return self.supervised_step(labeled)
 
 
 class CutMixSeg(HostFramework):
@@ -38,7 +43,7 @@ class CutMixSeg(HostFramework):
             self.teacher.eval()
             probs = self.teacher(unlabeled["weak"]).softmax(dim=1)
         pl = self.pseudo_label(probs, unlabeled, progress, generator)
-        mixed, label, keep, valid_m = self.mix(unlabeled["strong1"], pl, valid, 1.0, generator)
+        mixed, label, keep, valid_m = self.mix(self.student_view(unlabeled), pl, valid, 1.0, generator)
         n_l = labeled["image"].shape[0]
         logits = self.student(torch.cat([labeled["image"], mixed]))
         loss_sup = supervised_loss(logits[:n_l], labeled["mask"])
@@ -62,7 +67,7 @@ class FixMatch(HostFramework):
         n_l, logits, _ = self._weak_forward(labeled, unlabeled, fp=False)
         loss_sup = supervised_loss(logits[:n_l], labeled["mask"])
         pl = self.pseudo_label(logits[n_l:].detach().softmax(dim=1), unlabeled, progress, generator)
-        mixed, label, keep, valid_m = self.mix(unlabeled["strong1"], pl, unlabeled["valid"],
+        mixed, label, keep, valid_m = self.mix(self.student_view(unlabeled), pl, unlabeled["valid"],
                                                self.cutmix_prob, generator)
         loss_s1 = unsupervised_loss(self.student(mixed), label, keep, valid_m)
         loss = loss_sup + self.unsup_weight * loss_s1
@@ -86,8 +91,12 @@ class UniMatch(FixMatch):
         loss_sup = supervised_loss(logits[:n_l], labeled["mask"])
         valid = unlabeled["valid"]
         pl = self.pseudo_label(logits[n_l:].detach().softmax(dim=1), unlabeled, progress, generator)
-        s1, label1, keep1, valid1 = self.mix(unlabeled["strong1"], pl, valid, self.cutmix_prob, generator)
-        s2, label2, keep2, valid2 = self.mix(unlabeled["strong2"], pl, valid, self.cutmix_prob, generator)
+        # With student_photometric off both streams start from the weak view; their CutMix boxes and
+        # partners are still drawn independently.
+        s1, label1, keep1, valid1 = self.mix(self.student_view(unlabeled, 1), pl, valid, self.cutmix_prob,
+                                             generator)
+        s2, label2, keep2, valid2 = self.mix(self.student_view(unlabeled, 2), pl, valid, self.cutmix_prob,
+                                             generator)
         n_u = s1.shape[0]
         logits_s = self.student(torch.cat([s1, s2]))
         loss_s1 = unsupervised_loss(logits_s[:n_u], label1, keep1, valid1)

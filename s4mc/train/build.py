@@ -16,10 +16,11 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
+from s4mc.config import ConfigError
 from s4mc.data.base import EvalDataset, LabeledDataset, UnlabeledDataset
 from s4mc.data.sampler import StepBatchSampler, eval_batches
 from s4mc.data.transforms import GeometricAug
-from s4mc.frameworks.hosts import HOSTS, UniMatch
+from s4mc.frameworks.hosts import HOSTS, STUDENT_PHOTOMETRIC, UniMatch
 from s4mc.models import build_model
 from s4mc.pseudo_label import PseudoLabeler
 from s4mc.refine import estimate_cooccurrence
@@ -78,7 +79,24 @@ def build_pseudo_labeler(cfg: DictConfig, cooccurrence: torch.Tensor | None) -> 
         confidence_kind=s.confidence, fixed_threshold=cfg.host.threshold,
         fixed_confidence_kind=cfg.host.threshold_confidence, alpha0=s.alpha0,
         neighbourhood=s.neighbourhood, k=s.k, beta=s.beta, joint=s.joint, selection=s.selection,
-        cooccurrence=cooccurrence)
+        cooccurrence=cooccurrence, clamp_joint=s.clamp_joint)
+
+
+def resolve_student_photometric(cfg: DictConfig) -> bool:
+    """host.student_photometric, with None read from the host's default (docs/hosts.md)."""
+    value = cfg.host.student_photometric
+    return STUDENT_PHOTOMETRIC.get(cfg.host.name, False) if value is None else bool(value)
+
+
+def resolve_eval_model(cfg: DictConfig, has_teacher: bool) -> str:
+    """eval.model, with auto = the EMA teacher when the host has one, else the student (docs/hosts.md)."""
+    choice = cfg.eval.model
+    if choice == "teacher" and not has_teacher:  # load_config already refuses this; direct callers too
+        raise ConfigError(f"eval.model='teacher' but host.name={cfg.host.name!r} has no EMA teacher; "
+                          "expected eval.model=auto or student")
+    if choice == "auto":
+        return "teacher" if has_teacher else "student"
+    return choice
 
 
 @dataclass
@@ -93,10 +111,17 @@ class Run:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    eval_model: str = "student"  # eval.model resolved: "teacher" or "student"
+    pretrained_path: str | None = None  # the encoder file the student started from (versions.json)
 
     @property
     def class_names(self) -> list[str]:
         return self.data.class_names
+
+    @property
+    def eval_network(self) -> nn.Module:
+        """The network that is evaluated, drawn in the samples and picks best.pt."""
+        return self.teacher if self.eval_model == "teacher" else self.student
 
     def _loader(self, dataset, batch_size: int, seed: int, start_step: int) -> DataLoader:
         sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step=start_step,
@@ -138,17 +163,42 @@ def total_steps(cfg: DictConfig, data: DataBundle, world_size: int = 1) -> int:
     return cfg.train.epochs * math.ceil(pool / (batch * world_size))
 
 
+def resolve_pretrained(cfg: DictConfig) -> str | None:
+    """``model.pretrained``: a local file as it is, or the embedded benchmark's digit encoder
+    (``embedded``), pretrained on first use and cached with its sha256 (s4mc/pretrain.py). Either
+    way the file goes through the same ``load_pretrained`` path as real ImageNet weights."""
+    from s4mc.pretrain import EMBEDDED_WEIGHTS, PretrainSpec, ensure_encoder
+
+    m = cfg.model
+    if m.pretrained != EMBEDDED_WEIGHTS:
+        return m.pretrained
+    if cfg.data.name != "embedded":
+        raise ConfigError(f"model.pretrained={EMBEDDED_WEIGHTS!r} is the embedded benchmark's digit encoder; "
+                          f"data.name={cfg.data.name!r} needs a weights file path (ImageNet weights)")
+    spec = PretrainSpec(backbone=m.backbone, width=float(m.width), deep_stem=bool(m.deep_stem),
+                        data_seed=int(cfg.data.embedded.seed))
+    return str(ensure_encoder(spec, progress=bool(cfg.train.progress)))
+
+
 def build_run(cfg: DictConfig, device: torch.device) -> Run:
     host_cls = HOSTS[cfg.host.name]
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    data = build_data(cfg, host_cls.num_strong_views, host_cls.uses_unlabeled)
+    photometric = resolve_student_photometric(cfg)
+    eval_model = resolve_eval_model(cfg, host_cls.uses_ema_teacher)
+    # Without photometric student views the strong views are never read: do not augment them.
+    data = build_data(cfg, host_cls.num_strong_views if photometric else 0, host_cls.uses_unlabeled)
+    steps = total_steps(cfg, data, world)
+    if cfg.train.sup_only_steps >= steps:  # with train.epochs the count is known only now
+        raise ConfigError(f"train.sup_only_steps={cfg.train.sup_only_steps} leaves no semi-supervised "
+                          f"step of the {steps} steps of this run; expected a value < {steps}")
     m = cfg.model
     torch.manual_seed(cfg.train.seed)  # model initialisation
+    pretrained_path = resolve_pretrained(cfg)
     student = build_model(backbone=m.backbone, num_classes=data.num_classes, width=m.width,
                           deep_stem=m.deep_stem, output_stride=m.output_stride, multi_grid=m.multi_grid,
                           aspp_rates=tuple(m.aspp_rates), head_channels=m.head_channels,
-                          fp_dropout=m.fp_dropout, pretrained=m.pretrained,
+                          fp_dropout=m.fp_dropout, pretrained=pretrained_path,
                           pretrained_layout=m.pretrained_layout).to(device)
     teacher = None
     if host_cls.uses_ema_teacher:
@@ -168,11 +218,14 @@ def build_run(cfg: DictConfig, device: torch.device) -> Run:
         cooc = None
         if cfg.s4mc.enabled and cfg.s4mc.joint == "expected":
             cooc = estimate_cooccurrence(data.labeled_masks, data.num_classes,
-                                         neighbourhood=cfg.s4mc.neighbourhood).to(device)
+                                         neighbourhood=cfg.s4mc.neighbourhood,
+                                         void=cfg.s4mc.cooccurrence_void).to(device)
         pseudo_labeler = build_pseudo_labeler(cfg, cooc)
     h = cfg.host
-    kwargs: dict[str, Any] = {"unsup_weight": h.unsup_weight, "cutmix_prob": h.cutmix_prob, "teacher": teacher}
+    kwargs: dict[str, Any] = {"unsup_weight": h.unsup_weight, "cutmix_prob": h.cutmix_prob, "teacher": teacher,
+                              "student_photometric": photometric, "cutmix_partner": h.cutmix_partner}
     if host_cls is UniMatch:
         kwargs.update(w_s1=h.w_s1, w_s2=h.w_s2, w_fp=h.w_fp, loss_scale=h.loss_scale)
     framework = host_cls(student, pseudo_labeler, **kwargs)
-    return Run(cfg, data, student, teacher, framework, optimizer, total_steps(cfg, data, world), device, rank, world)
+    return Run(cfg, data, student, teacher, framework, optimizer, steps, device, rank, world,
+               eval_model=eval_model, pretrained_path=pretrained_path)

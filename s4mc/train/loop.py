@@ -91,7 +91,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, callbacks=(
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        write_versions(run_dir / "versions.json", device)
+        write_versions(run_dir / "versions.json", device, run.pretrained_path)
     writer = MetricsWriter(run_dir, resume_step=start_step) if is_main else None
     cbs = CallbackList(list(callbacks))
     cbs.on_train_start({"run_dir": str(run_dir), "total_steps": total, "start_step": start_step,
@@ -104,7 +104,11 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, callbacks=(
             run.student, device_ids=[device.index] if device.type == "cuda" else None)
         run.framework.student = model
     labeled_iter = iter(run.labeled_loader(start_step))
-    unlabeled_iter = iter(run.unlabeled_loader(start_step)) if run.framework.uses_unlabeled else None
+    # Supervised warm-up steps read no unlabeled batch: the unlabeled stream starts at the first
+    # semi-supervised step, and as the sampler is indexed by step, step t still gets batch t.
+    sup_only = cfg.train.sup_only_steps
+    unlabeled_iter = (iter(run.unlabeled_loader(max(start_step, sup_only)))
+                      if run.framework.uses_unlabeled else None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.bf16 and device.type == "cuda")
     acc: dict[str, list[torch.Tensor]] = defaultdict(list)  # since the last log point
     pl_acc: dict[str, list[torch.Tensor]] = defaultdict(list)  # since the last evaluation
@@ -119,15 +123,19 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, callbacks=(
             lr = poly_lr(cfg.train.lr, step, total, cfg.train.poly_power)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_mult", 1.0)
+            warm_up = step < sup_only
             labeled = _to(next(labeled_iter), device)
-            unlabeled = _to(next(unlabeled_iter), device) if unlabeled_iter is not None else None
+            unlabeled = _to(next(unlabeled_iter), device) if unlabeled_iter is not None and not warm_up else None
             # Seeded after fetching: a DataLoader draws from the global RNG when its iterator starts,
             # which happens at a different step in a resumed run.
             generator = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, stream=1))
             torch.manual_seed(step_seed(cfg.train.seed, step, stream=2))  # dropout, feature perturbation
             model.train()
             with autocast:
-                result = run.framework.step(labeled, unlabeled, step / total, generator)
+                # Warm-up (train.sup_only_steps): supervised loss alone, no teacher forward and no
+                # pseudo-labels, so this step logs no pl/* keys; the EMA teacher still follows below.
+                result = (run.framework.supervised_step(labeled) if warm_up
+                          else run.framework.step(labeled, unlabeled, step / total, generator))
             optimizer.zero_grad(set_to_none=True)
             result.loss.backward()
             optimizer.step()
@@ -153,7 +161,9 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, callbacks=(
                     writer.on_step(done, row)
                 cbs.on_step(done, row)
             if done % cfg.train.eval_every == 0 or done == total:
-                metrics = run.evaluate(run.student)
+                # eval.model resolved (teacher or student): this metric also picks best.pt.
+                metrics = run.evaluate(run.eval_network)
+                metrics["eval/model_is_teacher"] = float(run.eval_model == "teacher")
                 metrics.update({k: torch.stack(v).float().nanmean().item() for k, v in pl_acc.items()})
                 pl_acc.clear()
                 metrics["train/time_s"] = train_time
@@ -183,7 +193,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None, callbacks=(
     wall = time.perf_counter() - t0
     final = history[-1] if history else {}
     summary = {"run_dir": str(run_dir), "steps": step + 1 if total else 0, "total_steps": total,
-               "stopped_early": stopped, "best/eval/mIoU": best_miou, "best/step": best_step,
+               "stopped_early": stopped, "eval_model": run.eval_model,
+               "best/eval/mIoU": best_miou, "best/step": best_step,
                "final": final, "train_time_s": train_time, "wall_time_s": wall,
                "steps_per_s": (step + 1 - start_step) / max(train_time, 1e-9)}
     if is_main:

@@ -25,7 +25,7 @@ def git_commit(cwd: Path | None = None) -> str:
         return "unknown"
 
 
-def write_versions(path: Path, device: torch.device) -> None:
+def write_versions(path: Path, device: torch.device, pretrained: str | None = None) -> None:
     import omegaconf
 
     import s4mc
@@ -36,6 +36,15 @@ def write_versions(path: Path, device: torch.device) -> None:
             "cuda": torch.version.cuda, "platform": platform.platform()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    if pretrained:
+        # The encoder file a run started from, with its sha256: weights are part of what a run used.
+        import hashlib
+
+        h = hashlib.sha256()
+        with open(pretrained, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        info["pretrained"] = {"path": str(pretrained), "sha256": h.hexdigest()}
     path.write_text(json.dumps(info, indent=2))
 
 
@@ -62,8 +71,8 @@ def _denormalize(image: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def save_samples(path: Path, run, n: int = 4) -> None:
-    """A strip per val image: image | ground truth | prediction."""
-    model = run.student
+    """A strip per val image: image | ground truth | prediction of the evaluated network (eval.model)."""
+    model = run.eval_network
     was_training = model.training
     model.eval()
     pal = palette()
