@@ -20,6 +20,10 @@ QUIET_ENV = {
     # Ray saves experiment + searcher state every ~10 s by default; a shorter period narrows the window in
     # which a killed driver leaves a trial that the restored searcher does not know (search.py).
     "TUNE_GLOBAL_CHECKPOINT_S": "2",
+    # With reuse_actors, Tune gives the previous trial's thread only 2 s to end (function_trainable.py
+    # reset_config) before it declares the actor unusable and fails the next trial; a trial's last MLflow
+    # artifact uploads took longer than that on a loaded machine (issue on orchestration). Wait for them.
+    "TUNE_FUNCTION_THREAD_TIMEOUT_S": "120",
 }
 # A local Ray only: keep every node address on 127.0.0.1 (Ray otherwise picks the interface address,
 # e.g. for Ray Train's torch.distributed rendezvous) and skip token authentication (Ray >= 2.59 turns
