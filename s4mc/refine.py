@@ -92,6 +92,7 @@ def refine(
     valid: Tensor | None = None,
     generator: torch.Generator | None = None,
     clamp_joint: bool = True,
+    _force_general: bool = False,
 ) -> Tensor:
     """Refined class scores p~ (same shape and dtype as ``probs``, ``B x C x H x W``); method.md §3.
 
@@ -127,6 +128,8 @@ def refine(
     p_pad = torch.nn.functional.pad(p, (r, r, r, r))
     exists_pad = torch.zeros((B, 1, H + 2 * r, W + 2 * r), dtype=torch.bool, device=device)
     exists_pad[:, 0, r:r + H, r:r + W] = True if valid is None else valid
+    if k == 1 and selection == "max" and joint == "independent" and beta == "one" and not _force_general:
+        return _refine_max_neighbour(p, p_pad, exists_pad, offsets, r).to(probs.dtype)
 
     # Running top-k, sorted by descending key: slot i holds the (i+1)-th selected neighbour's key,
     # score q and weight beta (0 = "no neighbour", so the update below is a no-op for it).
@@ -173,6 +176,26 @@ def refine(
                 joint_prob = torch.minimum(joint_prob, q)
         out = out + b * (q - joint_prob)
     return out.to(probs.dtype)
+
+
+def _refine_max_neighbour(p: Tensor, p_pad: Tensor, exists_pad: Tensor, offsets: list[tuple[int, int]],
+                          r: int) -> Tensor:
+    """The paper default (k = 1, max selection, beta = 1, independent joint) in two ops per offset.
+
+    U_c(u, v) = p + q - p q grows with q, so the best neighbour per class is the one with the largest
+    q: p~ = p + (m - p m) with m the per-class maximum over existing neighbours, 0 where none exists
+    (then p~ = p). The arithmetic is the general path's own, p + 1 * (q - p q) with the same q, so
+    both paths give the same bits (tests/test_refine.py); this one skips the running top-k.
+    """
+    _, _, H, W = p.shape
+    neg_inf = torch.full((), -math.inf, dtype=p.dtype, device=p.device)
+    m = None
+    for dy, dx in offsets:
+        q = torch.where(exists_pad[:, :, r + dy:r + dy + H, r + dx:r + dx + W],
+                        p_pad[:, :, r + dy:r + dy + H, r + dx:r + dx + W], neg_inf)
+        m = q if m is None else torch.maximum(m, q)
+    m = torch.where(m == neg_inf, torch.zeros((), dtype=p.dtype, device=p.device), m)
+    return p + (m - p * m)
 
 
 def _as_label_tensor(mask) -> Tensor:

@@ -403,3 +403,20 @@ def test_cooccurrence_bad_input():
     assert torch.equal(estimate_cooccurrence([], 4), torch.zeros(4))
     with pytest.raises(ValueError, match="void='ignore'"):
         estimate_cooccurrence(torch.zeros(2, 2, dtype=torch.long), 3, void="ignore")
+
+
+@pytest.mark.parametrize("neighbourhood", ["4", "3x3", "5x5", "7x7"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_paper_default_fast_path_gives_the_general_paths_bits(neighbourhood, dtype):
+    # k = 1 / max / beta 1 / independent takes a max-over-neighbours path; it must not change one bit,
+    # with padding-like invalid pixels and an isolated valid pixel (no neighbour at all) included.
+    g = torch.Generator().manual_seed(7)
+    p = torch.rand(3, 5, 9, 11, generator=g).softmax(1).to(dtype)
+    valid = torch.rand(3, 9, 11, generator=g) > 0.3
+    valid[0] = False  # image 0: one valid pixel, the rest invalid (padding)
+    valid[0, 3, 5] = True
+    for v in (None, valid):
+        fast = refine(p, neighbourhood=neighbourhood, valid=v)
+        general = refine(p, neighbourhood=neighbourhood, valid=v, _force_general=True)
+        assert torch.equal(fast, general)
+    assert torch.equal(refine(p, neighbourhood=neighbourhood, valid=valid)[0, :, 3, 5], p[0, :, 3, 5])
