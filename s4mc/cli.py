@@ -72,13 +72,11 @@ def _train(args, resolve: Callable[[str], str] | None) -> int:
 
 
 def _pretrain(args) -> int:
-    from s4mc.pretrain import PretrainSpec, ensure_encoder, verify_encoder
+    from s4mc.pretrain import ensure_encoder, verify_encoder
+    from s4mc.train.build import embedded_encoder_spec
 
     cfg = load_config(args.config, args.overrides)
-    m = cfg.model
-    spec = PretrainSpec(backbone=m.backbone, width=float(m.width), deep_stem=bool(m.deep_stem),
-                        data_seed=int(cfg.data.embedded.seed))
-    path = ensure_encoder(spec, args.cache_dir, progress=True)
+    path = ensure_encoder(embedded_encoder_spec(cfg), args.cache_dir, progress=True)
     meta = verify_encoder(path)
     print(f"{path}\nsha256 {meta['sha256']} | held-out digit accuracy {meta['heldout_accuracy']:.3f} | "
           f"{meta['pretrain_scans']} pretraining scans, none in any scene")

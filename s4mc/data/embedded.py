@@ -3,8 +3,8 @@
 Digits come from scikit-learn's ``load_digits`` (1,797 real 8 x 8 scans, UCI "Optical Recognition of
 Handwritten Digits"), shipped with scikit-learn, so no download is needed. Each scene has a smooth
 colour gradient, colour blotches, rectangles, ellipses, lines and digit-like curved strokes (all
-labelled background, so colour and stroke shape alone do not solve the task), then 1-4 digits pasted at
-random size, position and colour, later digits on top. Labels: 0 background, digit d -> d + 1.
+labelled background, so colour and stroke shape alone do not solve the task), then one digit
+(``DIGITS_PER_SCENE``) pasted at random size, position and colour. Labels: 0 background, digit d -> d + 1.
 The 1,797 scans are partitioned three ways, stratified by class: a *pretraining* share that is never
 pasted into any scene (the encoder's offline ImageNet analogue, ``s4mc.pretrain``), the training-scene
 share (labeled and unlabeled pools) and the validation share. Generation is a pure function of its

@@ -167,17 +167,23 @@ def resolve_pretrained(cfg: DictConfig) -> str | None:
     """``model.pretrained``: a local file as it is, or the embedded benchmark's digit encoder
     (``embedded``), pretrained on first use and cached with its sha256 (s4mc/pretrain.py). Either
     way the file goes through the same ``load_pretrained`` path as real ImageNet weights."""
-    from s4mc.pretrain import EMBEDDED_WEIGHTS, PretrainSpec, ensure_encoder
+    from s4mc.pretrain import EMBEDDED_WEIGHTS, ensure_encoder
 
-    m = cfg.model
-    if m.pretrained != EMBEDDED_WEIGHTS:
-        return m.pretrained
+    if cfg.model.pretrained != EMBEDDED_WEIGHTS:
+        return cfg.model.pretrained
     if cfg.data.name != "embedded":
         raise ConfigError(f"model.pretrained={EMBEDDED_WEIGHTS!r} is the embedded benchmark's digit encoder; "
                           f"data.name={cfg.data.name!r} needs a weights file path (ImageNet weights)")
-    spec = PretrainSpec(backbone=m.backbone, width=float(m.width), deep_stem=bool(m.deep_stem),
+    return str(ensure_encoder(embedded_encoder_spec(cfg), progress=bool(cfg.train.progress)))
+
+
+def embedded_encoder_spec(cfg: DictConfig):
+    """The ``PretrainSpec`` of the digit encoder a config's model loads (``s4mc pretrain`` makes it)."""
+    from s4mc.pretrain import PretrainSpec
+
+    m = cfg.model
+    return PretrainSpec(backbone=m.backbone, width=float(m.width), deep_stem=bool(m.deep_stem),
                         data_seed=int(cfg.data.embedded.seed))
-    return str(ensure_encoder(spec, progress=bool(cfg.train.progress)))
 
 
 def build_run(cfg: DictConfig, device: torch.device) -> Run:

@@ -38,13 +38,9 @@ def write_versions(path: Path, device: torch.device, pretrained: str | None = No
         info["gpu"] = torch.cuda.get_device_name(device)
     if pretrained:
         # The encoder file a run started from, with its sha256: weights are part of what a run used.
-        import hashlib
+        from s4mc.pretrain import sha256_file
 
-        h = hashlib.sha256()
-        with open(pretrained, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        info["pretrained"] = {"path": str(pretrained), "sha256": h.hexdigest()}
+        info["pretrained"] = {"path": str(pretrained), "sha256": sha256_file(Path(pretrained))}
     path.write_text(json.dumps(info, indent=2))
 
 
