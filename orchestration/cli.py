@@ -16,10 +16,12 @@ from orchestration.env import apply_env
 from orchestration.manifest import load_manifest
 from orchestration.report import add_report_parser
 from orchestration.reproduce import add_reproduce_parser
+from orchestration.secrets import secure_environment, secure_manifest
 from s4mc.config import ConfigError
 
 EXIT_USAGE = 2  # argparse's own code for bad arguments; bad manifests are usage errors too
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C: the sweep stopped, its state is saved
+EXIT_FAILED = 1  # the sweep ran, but some trial failed on every attempt
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,10 +51,14 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        secure_environment()  # a password in MLFLOW_TRACKING_URI moves to its own variable (secrets.py)
+    except ConfigError as exc:
+        return _fail(str(exc))
     if getattr(args, "handler", None) is not None:  # reproduce / report take a paper table, not a manifest
         return args.handler(args)
     try:
-        manifest = load_manifest(args.manifest, getattr(args, "overrides", ()) or ())
+        manifest = secure_manifest(load_manifest(args.manifest, getattr(args, "overrides", ()) or ()))
     except ConfigError as exc:
         return _fail(str(exc))
     apply_env(local_ray=not manifest.ray.address)  # before Ray is imported (orchestration/env.py)
@@ -62,9 +68,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = run_sweep(manifest, resume=args.resume, manifest_path=args.manifest)
-    except ConfigError as exc:  # includes SweepError (exists without --resume, ...)
+    except ConfigError as exc:  # includes SweepError and ExecutionError (checks before Ray starts)
         return _fail(str(exc))
-    return EXIT_INTERRUPTED if result.interrupted else 0
+    if result.interrupted:
+        return EXIT_INTERRUPTED
+    for error in result.errors:  # a trial that exhausted its retries: the sweep did not do what was asked
+        print(f"s4mc-sweep: error: trial {error} (failed after {manifest.retries} retries)", file=sys.stderr)
+    return EXIT_FAILED if result.errors else 0
 
 
 def _ui(manifest, port: int) -> int:
@@ -79,7 +89,11 @@ def _ui(manifest, port: int) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
-    return serve_ui(tracking.configure(uri, project_dir=manifest.project), port=port)
+    uri = tracking.configure(uri, project_dir=manifest.project)
+    exp_id = tracking.experiment_id(manifest.tracking.experiment, tracking_uri=uri)
+    where = f"experiments/{exp_id}/runs" if exp_id else "experiments"
+    page = f"#/{where}?{tracking.TRAINING_VIEW}"
+    return serve_ui(uri, port=port, page=page)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Ray reads some of these variables once, when it is imported (e.g. whether node addresses may leave
 loopback), and its workers inherit the driver's environment when the driver starts a local Ray; so the
 CLI applies them before importing anything from Ray. `setdefault` keeps whatever the user or a cluster
-set. Values and reasons: platform-notes.md.
+set. Values and reasons: docs/platform.md.
 """
 
 from __future__ import annotations
@@ -32,5 +32,12 @@ LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disable
 
 
 def apply_env(local_ray: bool) -> None:
+    """Sets the quiet defaults, moves URI-embedded passwords into the environment and keeps AWS keys out
+    of Ray's trial runtime environments (orchestration/secrets.py); Ray is imported only after the
+    variables are set."""
     for key, value in {**QUIET_ENV, **(LOCAL_ENV if local_ray else {})}.items():
         os.environ.setdefault(key, value)
+    from orchestration import secrets
+
+    secrets.secure_environment()
+    secrets.keep_credentials_out_of_ray()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from s4mc.config import ConfigError, load_config, parse_overrides, read_yaml, schema
+from s4mc.config import ConfigError, as_layer, load_config, parse_overrides, read_yaml, schema
 
 
 @dataclass
@@ -71,7 +72,7 @@ class SamplerConfig:
     seed: int = 0
     n_startup_trials: int = 10  # TPE's random warm-up trials (Optuna's default)
     # Optuna 5's TPE defaults are multivariate with constant liar, whose suggestions depend on how many
-    # trials run at once (platform-notes.md); off keeps a seeded sweep reproducible.
+    # trials run at once (docs/platform.md); off keeps a seeded sweep reproducible.
     multivariate: bool = False
     constant_liar: bool = False
 
@@ -97,15 +98,20 @@ class NoiseFloorConfig:
 class RayManifestConfig:
     address: str | None = None  # None: a local Ray started by the sweep; env RAY_ADDRESS wins
     num_cpus: int | None = None  # local Ray only; None = all cores
-    object_store_mb: int = 512  # local Ray only; Ray's default is 30% of RAM (platform-notes.md)
-    temp_dir: str = "/tmp/ray-s4mc"  # local Ray only; socket paths must stay < 107 bytes (platform-notes.md)
+    object_store_mb: int = 512  # local Ray only; Ray's default is 30% of RAM (docs/platform.md)
+    temp_dir: str = "/tmp/ray-s4mc"  # local Ray only; socket paths must stay < 107 bytes (docs/platform.md)
+    # The cluster adds nodes on demand (Ray autoscaler, KubeRay): a trial that no node fits yet waits for
+    # one instead of failing at once (orchestration/execution.py).
+    autoscaling: bool = False
 
 
 @dataclass
 class Manifest:
     name: str = MISSING
     base: str | None = None  # training config YAML; relative paths are taken from the project folder
-    overrides: list[str] = field(default_factory=list)  # key=value applied to every trial
+    # Training-config keys applied to every trial, nested or dotted (s4mc.config.as_layer): the same form
+    # as a paper manifest's `overrides`; on the command line `overrides.train.steps=600`.
+    overrides: dict[str, Any] = field(default_factory=dict)
     search: list[ParamConfig] = field(default_factory=list)
     num_trials: int = 8
     max_concurrent: int = 2
@@ -164,68 +170,94 @@ def _abs(path: str, project: Path) -> str:
     return str(p if p.is_absolute() else (project / p).resolve())
 
 
-def _check_param(i: int, p: ParamConfig, train_schema: DictConfig, base: DictConfig,
-                 earlier: dict[str, ParamConfig], all_keys: set[str]) -> None:
-    where = f"search[{i}] ({p.key})"
+def _first_failure(where: str, rules: list[tuple[bool, str]]) -> None:
+    for bad, message in rules:
+        if bad:
+            raise ConfigError(f"{where}: {message}")
+
+
+def _check_key(where: str, p: ParamConfig, train_schema: DictConfig, earlier: dict[str, ParamConfig]) -> None:
     parent, _, leaf = p.key.rpartition(".")
     section = OmegaConf.select(train_schema, parent, default=None) if parent else train_schema
     if not isinstance(section, DictConfig) or leaf not in section:
         raise ConfigError(f"{where}: key {p.key!r} is not a training-config key (see s4mc/config.py)")
-    if isinstance(section[leaf], (DictConfig, ListConfig)):
-        raise ConfigError(f"{where}: key {p.key!r} is a section or a list; expected a single value key")
-    if p.key.startswith(FORBIDDEN_PREFIXES):
-        raise ConfigError(f"{where}: key {p.key!r} cannot be searched (seeds come from `seeds`, "
-                          "run folders from the sweep)")
-    if p.key in earlier:
-        raise ConfigError(f"{where}: key {p.key!r} appears twice in search")
-    if p.type not in PARAM_TYPES:
-        raise ConfigError(f"{where}: type={p.type!r} is not allowed; expected one of: {', '.join(PARAM_TYPES)}")
-    if p.type == "categorical":
-        if not p.choices:
-            raise ConfigError(f"{where}: categorical needs a non-empty `choices` list")
-        if p.low is not None or p.high is not None or p.step is not None:
-            raise ConfigError(f"{where}: categorical takes `choices`, not low/high/step")
-        if len({repr(c) for c in p.choices}) != len(p.choices):
-            raise ConfigError(f"{where}: choices={list(p.choices)} has duplicates")
-        probe = list(p.choices)
-    else:
-        if p.choices is not None:
-            raise ConfigError(f"{where}: type={p.type} takes low/high, not `choices`")
-        if p.low is None or p.high is None or not p.low < p.high:
-            raise ConfigError(f"{where}: needs low < high, got low={p.low}, high={p.high}")
-        if p.type == "int" and (p.low != int(p.low) or p.high != int(p.high)
-                                or (p.step is not None and (p.step != int(p.step) or p.step < 1))):
-            raise ConfigError(f"{where}: type=int needs whole low/high/step, got low={p.low}, "
-                              f"high={p.high}, step={p.step}")
-        if p.type == "loguniform" and (p.low <= 0 or p.step is not None):
-            raise ConfigError(f"{where}: loguniform needs low > 0 and no step, got low={p.low}, step={p.step}")
-        if p.step is not None and p.step <= 0:
-            raise ConfigError(f"{where}: step={p.step} must be positive")
-        probe = [int(p.low), int(p.high)] if p.type == "int" else [float(p.low), float(p.high)]
-    for value in probe:  # every choice / bound must give a valid training config
+    _first_failure(where, [
+        (isinstance(section[leaf], DictConfig | ListConfig),
+         f"key {p.key!r} is a section or a list; expected a single value key"),
+        (p.key.startswith(FORBIDDEN_PREFIXES),
+         f"key {p.key!r} cannot be searched (seeds come from `seeds`, run folders from the sweep)"),
+        (p.key in earlier, f"key {p.key!r} appears twice in search"),
+        (p.type not in PARAM_TYPES, f"type={p.type!r} is not allowed; expected one of: {', '.join(PARAM_TYPES)}"),
+    ])
+
+
+def _categorical_values(where: str, p: ParamConfig) -> list[Any]:
+    _first_failure(where, [
+        (not p.choices, "categorical needs a non-empty `choices` list"),
+        (p.low is not None or p.high is not None or p.step is not None,
+         "categorical takes `choices`, not low/high/step"),
+        (len({repr(c) for c in p.choices or ()}) != len(p.choices or ()), f"choices={p.choices} has duplicates"),
+    ])
+    return list(p.choices)
+
+
+def _whole(value: float | None) -> bool:
+    return value is None or float(value).is_integer()
+
+
+def _range_values(where: str, p: ParamConfig) -> list[Any]:
+    _first_failure(where, [
+        (p.choices is not None, f"type={p.type} takes low/high, not `choices`"),
+        (p.low is None or p.high is None or not p.low < p.high,
+         f"needs low < high, got low={p.low}, high={p.high}"),
+    ])
+    _first_failure(where, [
+        (p.type == "int" and not (_whole(p.low) and _whole(p.high) and _whole(p.step) and (p.step or 1) >= 1),
+         f"type=int needs whole low/high/step, got low={p.low}, high={p.high}, step={p.step}"),
+        (p.type == "loguniform" and (p.low <= 0 or p.step is not None),
+         f"loguniform needs low > 0 and no step, got low={p.low}, step={p.step}"),
+        (p.step is not None and p.step <= 0, f"step={p.step} must be positive"),
+    ])
+    return [int(p.low), int(p.high)] if p.type == "int" else [float(p.low), float(p.high)]
+
+
+def _check_values(where: str, p: ParamConfig, base: DictConfig, values: list[Any]) -> None:
+    for value in values:  # every choice / bound must give a valid training config
         try:
-            cfg = OmegaConf.merge(base, _dotted(p.key, value))
-            load_config(None, base=cfg)
+            load_config(None, base=OmegaConf.merge(base, _dotted(p.key, value)))
         except ConfigError as exc:
             raise ConfigError(f"{where}: value {value!r} gives an invalid training config: {exc}") from None
         except OmegaConfBaseException as exc:
             raise ConfigError(f"{where}: value {value!r} does not fit the key's type: "
                               f"{str(exc).splitlines()[0]}") from None
+
+
+def _check_when(where: str, w: WhenConfig, base: DictConfig, earlier: dict[str, ParamConfig],
+                all_keys: set[str]) -> None:
+    _first_failure(where, [
+        (w.equals is None and w.not_equals is None, "when needs `equals` or `not_equals`"),
+        (w.key in all_keys and w.key not in earlier, f"when.key={w.key!r} is searched below this parameter; "
+                                                     "list it above (parameters are sampled in order)"),
+    ])
+    if w.key in earlier:
+        return
+    fixed = OmegaConf.select(base, w.key, default="__missing__")
+    _first_failure(where, [
+        (fixed == "__missing__", f"when.key={w.key!r} is neither an earlier search key nor a training-config "
+                                 "key (a condition must refer to a parameter listed above it)"),
+        (fixed != "__missing__" and not condition_holds(w, fixed),
+         f"when.key={w.key!r} is fixed at {fixed!r} by the base config, so this parameter would never be sampled"),
+    ])
+
+
+def _check_param(i: int, p: ParamConfig, train_schema: DictConfig, base: DictConfig,
+                 earlier: dict[str, ParamConfig], all_keys: set[str]) -> None:
+    where = f"search[{i}] ({p.key})"
+    _check_key(where, p, train_schema, earlier)
+    values = _categorical_values(where, p) if p.type == "categorical" else _range_values(where, p)
+    _check_values(where, p, base, values)
     if p.when is not None:
-        w = p.when
-        if w.equals is None and w.not_equals is None:
-            raise ConfigError(f"{where}: when needs `equals` or `not_equals`")
-        if w.key in all_keys and w.key not in earlier:
-            raise ConfigError(f"{where}: when.key={w.key!r} is searched below this parameter; list it above "
-                              "(parameters are sampled in order)")
-        if w.key not in earlier:
-            fixed = OmegaConf.select(base, w.key, default="__missing__")
-            if fixed == "__missing__":
-                raise ConfigError(f"{where}: when.key={w.key!r} is neither an earlier search key nor a "
-                                  "training-config key (a condition must refer to a parameter listed above it)")
-            if not condition_holds(w, fixed):
-                raise ConfigError(f"{where}: when.key={w.key!r} is fixed at {fixed!r} by the base config, so "
-                                  "this parameter would never be sampled")
+        _check_when(where, p.when, base, earlier, all_keys)
 
 
 def _dotted(key: str, value: Any) -> DictConfig:
@@ -238,7 +270,7 @@ def _dotted(key: str, value: Any) -> DictConfig:
 def base_training_config(m: Manifest) -> DictConfig:
     """The base config + manifest overrides every trial starts from (validated)."""
     try:
-        return load_config(m.base, overrides=list(m.overrides))
+        return load_config(m.base, layers=[m.overrides])
     except ConfigError as exc:
         raise ConfigError(f"base/overrides of sweep {m.name!r}: {exc}") from None
 
@@ -280,7 +312,7 @@ def _validate(m: Manifest) -> None:
         (m.ray.object_store_mb >= 80, f"ray.object_store_mb={m.ray.object_store_mb} must be >= 80 "
                                       "(Ray's minimum object store)"),
         (len(m.ray.temp_dir) <= 40, f"ray.temp_dir={m.ray.temp_dir!r} is too long; Ray's socket paths must "
-                                    "stay under 107 bytes (platform-notes.md), keep it <= 40 characters"),
+                                    "stay under 107 bytes (docs/platform.md), keep it <= 40 characters"),
     ]
     for ok, message in checks:
         if not ok:
@@ -295,7 +327,8 @@ def _apply_override(cfg: DictConfig, item: str) -> None:
         value = yaml.safe_load(text) if text else None
     except yaml.YAMLError:
         raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
-    if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+    # New keys are allowed under the training-config overrides only; elsewhere the key must exist.
+    if not key.startswith("overrides.") and OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
         raise ConfigError(f"override {item!r}: key {key!r} is not a manifest key")
     try:
         OmegaConf.update(cfg, key, value, merge=False)
@@ -309,6 +342,10 @@ def load_manifest(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     raw = read_yaml(path)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Manifest), raw)
+        if not isinstance(raw.get("overrides", {}), Mapping):
+            raise ConfigError(f"manifest {path}: overrides must be a mapping of training-config keys, e.g. "
+                              "{train.steps: 600} or {train: {steps: 600}} (docs/sweeps.md)")
+        cfg.overrides = as_layer(cfg.overrides)  # dotted keys nested: command-line overrides merge into them
         for item in overrides:
             _apply_override(cfg, item)
         missing = sorted(OmegaConf.missing_keys(cfg))

@@ -1,16 +1,17 @@
 """Paper-reproduction manifests (experiments/paper/<table>.yaml): typed, validated before anything runs.
 
-One manifest per published table (method.md §8): the training set-up shared by its cells (`defaults`,
-method.md §7), the seeds, and the cells, each with its row (method), column (label count / split),
-host framework, S4MC options, published value and tolerance. The schema is the dataclasses below under
-`OmegaConf.structured`, with the rules of the training schema (s4mc/config.py): an unknown key or a
-wrong type fails with one `ConfigError` line naming it. `load_table` also (1) resolves every cell's
-training config (schema <- `base` <- `defaults` <- cell) through `s4mc.config.load_config`, so a wrong
-training key fails here and not inside a trial; (2) checks that each cell lists exactly the split files
-the data loader will read and that every file still has the sha256 the manifest records; (3) estimates
-the GPU-hours of a cell x seed from the published schedule (see `estimate_gpu_hours`). Data roots and
-pretrained weights are machine facts, never in a manifest: they come from `--data-root` /
-`--pretrained` or the environment variables the manifest names; a dry run shows a placeholder.
+One manifest per published table (docs/method.md §8): the training set-up shared by its cells (`base`, a
+recipe in experiments/recipes, and `overrides`; docs/method.md §7), the seeds, and the cells, each with its
+row (method), column (label count / split), host framework, S4MC options, published value and tolerance.
+The schema is the dataclasses below under `OmegaConf.structured`, with the rules of the training schema
+(s4mc/config.py): an unknown key or a wrong type fails with one `ConfigError` line naming it.
+`load_table` also (1) resolves every cell's training config (schema <- `base` <- `overrides` <- the
+cell's `overrides`) through `s4mc.config.load_config`, so a wrong training key fails here and not inside
+a trial; (2) checks that each cell lists exactly the split files the data loader will read and that
+every file still has the sha256 the manifest records; (3) estimates the GPU-hours of a cell x seed from
+the published schedule (see `estimate_gpu_hours`). Data roots and pretrained weights are machine facts,
+never in a manifest: they come from `--data-root` / `--pretrained` or the environment variables the
+manifest names; a dry run shows a placeholder.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from orchestration.manifest import RayManifestConfig, ResourcesConfig, TrackingConfig
-from s4mc.config import ConfigError, flatten, load_config, parse_overrides, read_yaml, schema
+from s4mc.config import ConfigError, config_layers, flatten, load_config, parse_overrides, read_yaml
 from s4mc.data.splits import DEFAULT_SPLITS_DIR, file_sha256
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -70,8 +71,8 @@ class Cell:
     split: str | None = None  # data.split
     split_family: str | None = None  # data.split_family (real data sets)
     split_files: list[SplitFile] = field(default_factory=list)
-    options: dict[str, Any] = field(default_factory=dict)  # training-config overrides (S4MC options, ...)
-    published: float | None = None  # null = unknown (method.md §8 lists no value)
+    overrides: dict[str, Any] = field(default_factory=dict)  # training-config keys of this cell (S4MC options, ...)
+    published: float | None = None  # null = unknown (docs/method.md §8 lists no value)
     published_std: float | None = None
     published_delta: float | None = None  # a published difference against the row `delta_of`
     delta_of: str | None = None
@@ -84,10 +85,10 @@ class Cell:
 class PaperTable:
     table: str = MISSING  # id: names the MLflow tag `table`, the storage folder and the report files
     title: str = MISSING
-    source: str = "method.md §8"
+    source: str = "docs/method.md §8"
     metric: str = "eval/mIoU"
-    base: str | None = None  # training config YAML under the defaults (project-relative)
-    defaults: dict[str, Any] = field(default_factory=dict)  # training-config overrides of every cell
+    base: str | None = None  # training config YAML, e.g. a recipe in experiments/recipes (project-relative)
+    overrides: dict[str, Any] = field(default_factory=dict)  # training-config keys over `base`, every cell
     data_root_env: str | None = None  # env var holding data.root (real data sets)
     pretrained_env: str | None = None  # env var holding model.pretrained (ImageNet weights)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -155,7 +156,7 @@ def _apply_override(cfg: DictConfig, item: str) -> None:
     except yaml.YAMLError:
         raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
     # New keys are allowed under the free-form training overrides only; elsewhere the key must exist.
-    free = key.startswith("defaults.") or re.match(r"^cells\.\d+\.options\.", key)
+    free = key.startswith("overrides.") or re.match(r"^cells\.\d+\.overrides\.", key)
     if not free and OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
         raise ConfigError(f"override {item!r}: key {key!r} is not a paper-manifest key")
     try:
@@ -195,27 +196,38 @@ def _check_table(t: PaperTable, path: Path) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"paper manifest {path}: {message}")
-    seen: set[tuple[str, str]] = set()
     rows_by_column: dict[str, set[str]] = {}
     for c in t.cells:
         rows_by_column.setdefault(c.column, set()).add(c.row)
+    seen: set[tuple[str, str]] = set()
     for i, c in enumerate(t.cells):
         where = f"paper manifest {path}: cells[{i}] ({c.row} | {c.column})"
         if (c.row, c.column) in seen:
             raise ConfigError(f"{where}: the (row, column) pair appears twice")
         seen.add((c.row, c.column))
-        # mIoU values are percentages; a published difference may be negative; GPU-hours have no upper bound.
-        for name, lo, hi in (("published", 0, 100), ("published_std", 0, 100), ("published_delta", -100, 100),
-                             ("tolerance", 0, 100), ("gpu_hours", 0, math.inf)):
-            value = getattr(c, name)
-            if value is not None and not (math.isfinite(value) and lo <= value <= hi):
-                raise ConfigError(f"{where}: {name}={value} is out of range; expected a value in [{lo}, {hi}]")
-        if (c.published_delta is None) != (c.delta_of is None):
-            raise ConfigError(f"{where}: published_delta and delta_of go together")
-        if c.delta_of is not None and c.delta_of not in rows_by_column[c.column]:
-            raise ConfigError(f"{where}: delta_of={c.delta_of!r} is not a row of column {c.column!r}")
-        if t.runs_from is None and (c.host is None or c.split is None):
-            raise ConfigError(f"{where}: host and split are required (only a runs_from table may omit them)")
+        _check_cell(where, c, rows_by_column[c.column], t.runs_from is None)
+
+
+# mIoU values are percentages; a published difference may be negative; GPU-hours have no upper bound.
+CELL_RANGES = (("published", 0, 100), ("published_std", 0, 100), ("published_delta", -100, 100),
+               ("tolerance", 0, 100), ("gpu_hours", 0, math.inf))
+
+
+def _check_cell(where: str, c: Cell, rows_of_column: set[str], trains: bool) -> None:
+    for name, lo, hi in CELL_RANGES:
+        value = getattr(c, name)
+        if value is not None and not (math.isfinite(value) and lo <= value <= hi):
+            raise ConfigError(f"{where}: {name}={value} is out of range; expected a value in [{lo}, {hi}]")
+    rules = [
+        ((c.published_delta is None) != (c.delta_of is None), "published_delta and delta_of go together"),
+        (c.delta_of is not None and c.delta_of not in rows_of_column,
+         f"delta_of={c.delta_of!r} is not a row of column {c.column!r}"),
+        (trains and (c.host is None or c.split is None),
+         "host and split are required (only a runs_from table may omit them)"),
+    ]
+    for broken, message in rules:
+        if broken:
+            raise ConfigError(f"{where}: {message}")
 
 
 @lru_cache(maxsize=256)
@@ -343,20 +355,20 @@ def load_table(table: str | Path, overrides: list[str] | tuple[str, ...] = (), *
     machine = {"data.root": _machine_path(data_root, t.data_root_env, "data.root", "--data-root", unset),
                "model.pretrained": _machine_path(pretrained, t.pretrained_env, "model.pretrained", "--pretrained",
                                                  unset)}
-    base_cfg = load_config(t.base) if t.base else schema()
+    base_cfg = config_layers(t.base)  # a recipe: validated below with each cell's keys (e.g. a data root)
     cells = []
     for i, c in enumerate(t.cells):
         where = f"paper manifest {path}: cells[{i}] ({c.row} | {c.column})"
         own = {"host.name": c.host, "data.split": c.split, **({"data.split_family": c.split_family}
                                                                 if c.split_family else {})}
-        layers = [flatten(dict(t.defaults)), own, flatten(dict(c.options)),
+        layers = [flatten(dict(t.overrides)), own, flatten(dict(c.overrides)),
                   {k: v for k, v in machine.items() if v is not None}]
         dotted = {k: v for layer in layers for k, v in layer.items()}
         try:
             cfg = load_config(None, base=OmegaConf.merge(base_cfg, _nested(dotted)))
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-        except OmegaConfBaseException as exc:  # an unknown or ill-typed training key in defaults / options
+        except OmegaConfBaseException as exc:  # an unknown or ill-typed training key in overrides
             raise ConfigError(f"{where}: key {getattr(exc, 'full_key', None) or '?'!r}: "
                               f"{str(exc).splitlines()[0]}") from None
         _check_splits(where, cfg, c, splits)

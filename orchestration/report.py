@@ -4,11 +4,16 @@ The runs of a table are the MLflow child runs tagged `table=<id>` and `s4mc.role
 orchestration/reproduce.py; a `runs_from` table such as Table 9 reads the runs of its source table). For
 every cell (tags row, column) "ours" is the mean ± sample standard deviation (ddof 1; none with one seed)
 over seeds of the final value of the table's metric, taken from FINISHED runs only, the newest run per
-seed when a seed ran twice. Beside it: the published value (method.md §8), the difference ours −
+seed when a seed ran twice. Beside it: the published value (docs/method.md §8), the difference ours −
 published and whether it lies within the cell's tolerance; a cell with a published difference (Table 8)
-also gets ours − ours(delta_of row). Cells without a finished run show "—" and are listed as missing.
-Outputs: <out_dir>/<table>.md, .csv and .png (a grouped bar chart: columns on the x axis, one bar per
-row with the seed std as error bar, published values as black markers). Default out_dir: docs/reports.
+also gets ours − ours(delta_of row). Cells without a finished run show "—" and are listed as missing;
+a cell with one seed says "n = 1, no interval". Paired comparisons (orchestration/stats.py,
+docs/statistics.md): each row against its baselines in the same column (`_baselines`), paired by seed,
+then pooled over the columns that hold the pair (pairs = (column, seed)): mean difference, 95% Student-t
+interval, whether it excludes 0, and beside it the published difference and whether ours lies within the
+tolerance of it. Outputs: <out_dir>/<table>.md, .csv and .png (a grouped bar chart: columns on the x axis,
+one bar per row with the seed std as error bar, published values as black markers). Default out_dir:
+docs/reports.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from orchestration import stats
 from orchestration.paper import PROJECT_DIR, LoadedTable, load_table, split_label
 from s4mc.config import ConfigError
 
@@ -28,29 +34,6 @@ DASH = "—"
 FIELDS = ("table", "cell", "row", "column", "host", "split", "metric", "seeds_expected", "seeds_finished",
           "values", "mean", "std", "published", "published_std", "difference", "tolerance", "within_tolerance",
           "delta_of", "ours_delta", "published_delta", "delta_difference", "status")
-
-
-def table_runs(tracking_uri: str, table: str, experiment_ids: list[str] | None = None) -> list:
-    """Every trial run tagged with this table, in the given experiments (default: all of the store)."""
-    from mlflow import MlflowClient
-
-    from orchestration.tracking import retry_locked
-
-    client = MlflowClient(tracking_uri)
-    if experiment_ids is None:
-        experiment_ids = [e.experiment_id for e in retry_locked(client.search_experiments)]
-    if not experiment_ids:
-        return []
-    if "'" in table:
-        raise ConfigError(f"table={table!r} holds a quote, which MLflow search filters cannot")
-    runs, token = [], None
-    while True:
-        page = retry_locked(client.search_runs, experiment_ids, max_results=1000, page_token=token,
-                            filter_string=f"tags.table = '{table}' and tags.`s4mc.role` = 'trial'")
-        runs += list(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 def _final_values(runs: list, metric: str) -> dict[tuple[str, str], dict[int, float]]:
@@ -100,6 +83,80 @@ def summarise(loaded: LoadedTable, values: dict[tuple[str, str], dict[int, float
     return rows
 
 
+def _baselines(methods: list[str], row: str, delta_of: str | None) -> list[str]:
+    """The rows of the same column that `row` is compared with (docs/statistics.md): its delta_of row; for
+    "<host> + S4MC" the host row ("<host>" or "<host> (re-run)"); else the column's "(paper best)" row;
+    and "Supervised"."""
+    out = [delta_of] if delta_of else []
+    if row.endswith(" + S4MC"):
+        host = row.removesuffix(" + S4MC")
+        out += [h for h in (host, f"{host} (re-run)") if h in methods][:1]
+    best = [m for m in methods if m.endswith("(paper best)")]
+    if best and not out:
+        out.append(best[0])
+    if "Supervised" in methods:
+        out.append("Supervised")
+    return [b for b in dict.fromkeys(out) if b != row]
+
+
+def _comparison(a: dict[str, Any], b: dict[str, Any], pairs: tuple[dict, dict], column: str) -> dict[str, Any]:
+    if a["delta_of"] == b["row"]:
+        published = a["published_delta"]
+    else:
+        published = a["published"] - b["published"] if None not in (a["published"], b["published"]) else None
+    p = stats.paired(*pairs)
+    diff = p["mean"] - published if published is not None and p["n"] else None
+    return {"a": a["row"], "b": b["row"], "column": column, "paired": p, "published": published,
+            "tolerance": a["tolerance"], "difference": diff,
+            "within_tolerance": None if diff is None else abs(diff) <= a["tolerance"]}
+
+
+def comparisons(rows: list[dict[str, Any]], values: dict[tuple[str, str], dict[int, float]]
+                ) -> list[dict[str, Any]]:
+    """Paired-by-seed comparisons per column, then pooled over columns (pairs = (column, seed)) for every
+    comparison that more than one column holds."""
+    by_key = {(r["row"], r["column"]): r for r in rows}
+    out, pooled = [], {}
+    for r in rows:
+        methods = [x["row"] for x in rows if x["column"] == r["column"]]
+        for base in _baselines(methods, r["row"], r["delta_of"]):
+            b, col = by_key[(base, r["column"])], r["column"]
+            a_vals, b_vals = values.get((r["row"], col), {}), values.get((base, col), {})
+            out.append(_comparison(r, b, (a_vals, b_vals), col))
+            ka, kb = pooled.setdefault((r["row"], base), ({}, {}))
+            ka.update({(col, s): v for s, v in a_vals.items()})
+            kb.update({(col, s): v for s, v in b_vals.items()})
+    columns = {(c["a"], c["b"]): {x["column"] for x in out if (x["a"], x["b"]) == (c["a"], c["b"])} for c in out}
+    for (a, base), pairs in pooled.items():
+        if len(columns[(a, base)]) > 1:
+            c = stats.paired(*pairs)
+            out.append({"a": a, "b": base, "column": "pooled", "paired": c, "published": None,
+                        "tolerance": None, "difference": None, "within_tolerance": None})
+    return out
+
+
+def _published_diff(c: dict[str, Any]) -> str:
+    if c["column"] == "pooled":
+        return DASH  # the paper publishes no pooled numbers
+    return "unknown" if c["published"] is None else _num(c["published"], True)
+
+
+def render_comparisons(comps: list[dict[str, Any]]) -> list[str]:
+    if not comps:
+        return []
+    out = ["", "## Paired comparisons", "", stats.legend() + " Published difference: published(a) − "
+           "published(b) (Table 8: the published delta); within tolerance: |ours − published| ≤ the tolerance. "
+           "'pooled': every column at once, pairs = (column, seed), so the spread between columns counts as noise.",
+           "", "| a − b | column | pairs | ours: mean [95% t interval] | interval | published | ours − published "
+           "| within tolerance |", "|---|---|---|---|---|---|---|---|"]
+    for c in comps:
+        p, within = c["paired"], c["within_tolerance"]
+        out.append(f"| {c['a']} − {c['b']} | {c['column']} | {p['n']} | {stats.fmt_paired(p)} | {stats.verdict(p)} "
+                   f"| {_published_diff(c)} "
+                   f"| {_num(c['difference'], True)} | {DASH if within is None else ('yes' if within else '**no**')} |")
+    return out
+
+
 def _num(v: float | None, signed: bool = False) -> str:
     if v is None:
         return DASH
@@ -110,8 +167,9 @@ def _ours(r: dict[str, Any]) -> str:
     if r["mean"] is None:
         return DASH
     spread = f" ± {r['std']:.2f}" if r["std"] is not None else ""
-    partial = f" ({r['seeds_finished']}/{r['seeds_expected']} seeds)" if r["status"] == "partial" else ""
-    return f"{r['mean']:.2f}{spread}{partial}"
+    notes = [stats.NO_INTERVAL] if r["seeds_finished"] == 1 else []
+    notes += [f"{r['seeds_finished']}/{r['seeds_expected']} seeds"] if r["status"] == "partial" else []
+    return f"{r['mean']:.2f}{spread}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _published(r: dict[str, Any]) -> str:
@@ -120,7 +178,8 @@ def _published(r: dict[str, Any]) -> str:
     return f"{r['published']:g}" + (f" ± {r['published_std']:g}" if r["published_std"] is not None else "")
 
 
-def render_markdown(loaded: LoadedTable, rows: list[dict[str, Any]], tracking_uri: str) -> str:
+def render_markdown(loaded: LoadedTable, rows: list[dict[str, Any]], tracking_uri: str,
+                    comps: list[dict[str, Any]] = ()) -> str:
     t = loaded.spec
     columns = list(dict.fromkeys(r["column"] for r in rows))
     methods = list(dict.fromkeys(r["row"] for r in rows))
@@ -149,6 +208,7 @@ def render_markdown(loaded: LoadedTable, rows: list[dict[str, Any]], tracking_ur
                     f"{r['published_delta']:+g}")
         out.append(f"| {r['cell']} | {r['row']} | {r['column']} | {r['seeds_finished']}/{r['seeds_expected']} | "
                    f"{_ours(r)} | {_published(r)} | {_num(r['difference'], True)} | {within} | {note} |")
+    out += render_comparisons(list(comps))
     missing = [r for r in rows if r["status"] == "missing"]
     out += ["", f"## Missing cells ({len(missing)})", ""]
     out += [f"- {r['cell']} {r['row']} | {r['column']}: no FINISHED run" for r in missing] or ["none"]
@@ -185,7 +245,7 @@ def render_png(loaded: LoadedTable, rows: list[dict[str, Any]], path: Path) -> N
         bars = ax.bar(xs, means, width * 0.92, yerr=stds, capsize=2, label=m)
         pub = [c["published"] if c and c["published"] is not None else math.nan for c in cells]
         ax.scatter(xs, pub, marker="D", s=18, color="black", zorder=3,
-                   label="published (method.md §8)" if i == 0 else None)
+                   label="published (docs/method.md §8)" if i == 0 else None)
         for x, c in zip(xs, cells, strict=True):
             if c is not None and c["mean"] is None:  # a missing cell: a dash at the foot of its slot
                 ax.text(x, 0.01, DASH, ha="center", va="bottom", color=bars.patches[0].get_facecolor(),
@@ -211,19 +271,21 @@ def report(table, tracking_uri: str | None = None, out_dir: str | Path | None = 
     from orchestration import tracking as trk
 
     uri = trk.configure(tracking_uri or t.tracking.uri, project_dir=t.project)
-    runs = table_runs(uri, t.runs_from or t.table)
-    rows = summarise(loaded, _final_values(runs, t.metric))
+    runs = trk.table_runs(uri, t.runs_from or t.table)
+    values = _final_values(runs, t.metric)
+    rows = summarise(loaded, values)
+    comps = comparisons(rows, values)
     out = Path(out_dir) if out_dir is not None else PROJECT_DIR / "docs" / "reports"
     out.mkdir(parents=True, exist_ok=True)
     files = {ext: out / f"{t.table}.{ext}" for ext in ("md", "csv", "png")}
-    files["md"].write_text(render_markdown(loaded, rows, uri))
+    files["md"].write_text(render_markdown(loaded, rows, uri, comps))
     write_csv(rows, files["csv"])
     render_png(loaded, rows, files["png"])
     missing = [r for r in rows if r["status"] == "missing"]
     echo(f"[report {t.table}] {len(rows) - len(missing)}/{len(rows)} cells with finished runs "
          f"({len(runs)} runs read); missing: {len(missing)}")
     echo(f"wrote {files['md']}, {files['csv']}, {files['png']}")
-    return {"rows": rows, "files": files, "missing": missing}
+    return {"rows": rows, "files": files, "missing": missing, "comparisons": comps}
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:

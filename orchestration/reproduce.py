@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from orchestration.paper import LoadedTable, ResolvedCell, load_table, split_label
+from orchestration.secrets import secure_manifest
 from s4mc.config import ConfigError
 
-EXPERIMENT_DIR = "tune"
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # as orchestration/cli.py
 
 
@@ -51,7 +50,7 @@ class TrialSpec:
 def cell_options(rc: ResolvedCell) -> dict[str, Any]:
     from s4mc.config import flatten
 
-    return flatten(dict(rc.cell.options))
+    return flatten(dict(rc.cell.overrides))
 
 
 def list_cells(table, **load_kwargs) -> list[dict[str, Any]]:
@@ -105,9 +104,8 @@ def format_dry_run(loaded: LoadedTable) -> str:
 
 
 def trial_specs(loaded: LoadedTable) -> list[TrialSpec]:
+    from orchestration.keys import NUMBER_KEY, trial_key
     from orchestration.manifest import Manifest
-    from orchestration.search import NUMBER_KEY
-    from orchestration.trial import trial_key
 
     t = loaded.spec
     specs = []
@@ -129,84 +127,31 @@ def run_tags(table: str, rc: ResolvedCell, seed: int) -> dict[str, str]:
             "published": "unknown" if pub is None else f"{pub:g}", "s4mc.kind": "paper"}
 
 
-def _open_child_run(tracking: dict[str, str], spec: TrialSpec) -> str:
-    # The sweep's tracker finds its run by (role, trial_key, parent): creating it here with the table tags
-    # first means every run of a table carries them, even one that fails before its first report.
-    from mlflow import MlflowClient
-    from mlflow.entities import RunTag
-
-    from orchestration.tracking import TAG_PARENT, TAG_ROLE, TAG_TRIAL_KEY, find_run, retry_locked
-
-    client = MlflowClient(tracking["uri"])
-    identity = {TAG_ROLE: "trial", TAG_TRIAL_KEY: spec.key, TAG_PARENT: tracking["parent_run_id"]}
-    run = find_run(client, tracking["experiment_id"], identity)
-    if run is None:
-        return retry_locked(client.create_run, tracking["experiment_id"], tags={**identity, **spec.tags},
-                            run_name=spec.key).info.run_id
-    retry_locked(client.log_batch, run.info.run_id, tags=[RunTag(k, v) for k, v in spec.tags.items()])
-    return run.info.run_id
-
-
-def cell_trial(config: dict, specs: dict[str, TrialSpec], tracking: dict | None = None,
+def cell_trial(config: dict, specs: dict[str, TrialSpec], tracking=None,
                skip: frozenset[str] = frozenset()) -> None:
     """The Ray trainable: one cell x seed through the sweep's trial function."""
-    from orchestration.search import NUMBER_KEY
+    from orchestration.keys import NUMBER_KEY
     from orchestration.trial import trial_main
 
     spec = specs[config["trial"]]
     if spec.key in skip:  # FINISHED in MLflow already (resume)
         return
     if tracking:
-        _open_child_run(tracking, spec)
+        from orchestration.tracking import open_child_run
+
+        open_child_run(tracking, spec.key, spec.tags)
     trial_main({NUMBER_KEY: spec.seed, **spec.overrides}, manifest=spec.manifest, tracking=tracking)
 
 
 def finished_keys(tracking_uri: str, experiment_id: str, table: str) -> set[str]:
-    from orchestration.report import table_runs
+    from orchestration.tracking import table_runs
 
     return {r.data.tags.get("trial_key") for r in table_runs(tracking_uri, table, [experiment_id])
             if r.info.status == "FINISHED"}
 
 
-def _progress_callback(name: str, total: int, metric: str, every_s: float = 30.0):
-    from ray.tune import Callback
-
-    class TableProgress(Callback):
-        """One line every `every_s` and at each trial end: done / running (with their progress) / failed."""
-
-        def __init__(self):
-            self.t0, self.last = time.time(), 0.0
-
-        def _line(self, trials, event: str = "") -> None:
-            done = sum(t.status == "TERMINATED" for t in trials)
-            failed = sum(t.status == "ERROR" for t in trials)
-            running = [t for t in trials if t.status == "RUNNING"]
-            shown = ", ".join(f"{(t.last_result or {}).get('trial/key', t.trial_id)} "
-                              f"{100 * float((t.last_result or {}).get('trial/progress', 0.0)):.0f}%"
-                              for t in running[:6])
-            elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - self.t0))
-            print(f"[reproduce {name} {elapsed}] {done}/{total} done, {len(running)} running"
-                  f"{f' ({shown})' if shown else ''}{f', {failed} failed' if failed else ''}{event}", flush=True)
-            self.last = time.time()
-
-        def on_step_end(self, iteration, trials, **info) -> None:
-            if time.time() - self.last >= every_s:
-                self._line(trials)
-
-        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-            value = (trial.last_result or {}).get(metric)
-            self._line(trials, f" | {trial.config.get('trial')} finished"
-                               f"{f' ({metric} {value:.2f})' if value is not None else ''}")
-
-        def on_trial_error(self, iteration, trials, trial, **info) -> None:
-            self._line(trials, f" | {trial.config.get('trial')} failed")
-
-    return TableProgress()
-
-
-class _TrialName:
-    def __call__(self, trial) -> str:
-        return str(trial.config["trial"])
+def _cell_key(config: dict) -> str:
+    return str(config["trial"])
 
 
 def reproduce(table, dry_run: bool = False, resume: bool = False, max_concurrent: int | None = None,
@@ -215,7 +160,7 @@ def reproduce(table, dry_run: bool = False, resume: bool = False, max_concurrent
     """Runs (or resumes, or only lists) a paper table; returns a summary dict of the trials."""
     loaded = table if isinstance(table, LoadedTable) else load_table(
         table, overrides, data_root=data_root, pretrained=pretrained, storage=storage)
-    t = loaded.spec
+    t = secure_manifest(loaded.spec)  # a password in tracking.uri moves to the environment (secrets.py)
     if max_concurrent is not None:
         if max_concurrent < 1:
             raise ReproduceError(f"max_concurrent={max_concurrent} must be >= 1")
@@ -233,18 +178,21 @@ def reproduce(table, dry_run: bool = False, resume: bool = False, max_concurrent
 
 
 def _launch(loaded: LoadedTable, resume: bool, echo) -> dict[str, Any]:
+    from omegaconf import OmegaConf
     from ray import tune
 
+    from orchestration import execution
     from orchestration import tracking as trk
-    from orchestration.manifest import Manifest
-    from orchestration.sweep import QUIET_ENV, _init_ray, storage_filesystem, tracking_archive_parent
+    from orchestration.env import apply_env
 
     t = loaded.spec
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    fs, path = storage_filesystem(t.storage)
-    exp_path = f"{t.storage.rstrip('/')}/{EXPERIMENT_DIR}"
-    can_restore = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
+    apply_env(local_ray=not t.ray.address)
+    execution.check_object_store({"storage": t.storage, **{
+        f"{rc.id} {k}": str(OmegaConf.select(rc.config, k) or "") for rc in loaded.cells
+        for k in ("data.root", "model.pretrained")}})
+    _, _, exp_path = execution.experiment_location(t.storage)
+    can_restore = execution.can_restore(t.storage)
+    execution.preflight(t.ray, t.resources, t.storage, t.tracking.uri or "", resources_setting="resources")
     uri = trk.configure(t.tracking.uri, project_dir=t.project)
     exp_id = trk.ensure_experiment(t.tracking.experiment, tracking_uri=uri)
     done = finished_keys(uri, exp_id, t.table)
@@ -253,10 +201,10 @@ def _launch(loaded: LoadedTable, resume: bool, echo) -> dict[str, Any]:
         raise ReproduceError(f"{t.table} was started before ({what}); continue it with --resume (make reproduce "
                              f"TABLE={t.table} RESUME=1), or delete that state to start over")
     if not can_restore:
-        tracking_archive_parent(uri, exp_id, t.table)  # a fresh start never adopts an old parent run
+        trk.archive_parent(uri, exp_id, t.table)  # a fresh start never adopts an old parent run
     parent = trk.start_sweep_run(exp_id, t.table, tags={"table": t.table, "title": t.title, "s4mc.kind": "paper",
                                                         "metric": t.metric}, tracking_uri=uri)
-    tracking = {"uri": uri, "experiment_id": exp_id, "parent_run_id": parent}
+    tracking = trk.TrackingTarget(uri, exp_id, parent, kind="paper")
     specs = {s.key: s for s in trial_specs(loaded)}
     todo = [k for k in specs if k not in done]
     echo(f"[reproduce {t.table}] {len(specs)} trials, {len(specs) - len(todo)} already FINISHED in MLflow"
@@ -264,24 +212,16 @@ def _launch(loaded: LoadedTable, resume: bool, echo) -> dict[str, Any]:
     if not todo:
         trk.finish_run(parent, "FINISHED", tracking_uri=uri)
         return {"table": t.table, "trials": [], "interrupted": False, "errors": [], "parent_run_id": parent}
-    _init_ray(Manifest(name=t.table, ray=t.ray))
-    fn = tune.with_parameters(cell_trial, specs=specs, tracking=tracking, skip=frozenset(done))
-    gpu = t.resources.gpu  # > 1: the trial drives a data-parallel TorchTrainer (orchestration/trial.py)
-    fn = tune.with_resources(fn, {"cpu": t.resources.cpu if gpu <= 1 else 1, "gpu": gpu if gpu <= 1 else 0})
-    progress = _progress_callback(t.table, len(todo), t.metric)
-    if can_restore:
-        tuner = tune.Tuner.restore(exp_path, trainable=fn, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=fs)
-    else:
-        tuner = tune.Tuner(
-            fn, param_space={"trial": tune.grid_search(todo)},
-            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=t.max_concurrent,
-                                        trial_name_creator=_TrialName(), trial_dirname_creator=_TrialName(),
-                                        reuse_actors=True),
-            run_config=tune.RunConfig(name=EXPERIMENT_DIR, storage_path=path, storage_filesystem=fs, verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=t.retries),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=[progress]))
-    grid = tuner.fit()
+    plan = execution.TrialPlan(
+        label=f"reproduce {t.table}",
+        trainable=tune.with_parameters(cell_trial, specs=specs, tracking=tracking, skip=frozenset(done)),
+        storage=t.storage, resources=t.resources, max_concurrent=t.max_concurrent, retries=t.retries,
+        metric=t.metric, mode="max", total=len(todo), key=_cell_key, param_space={"trial": tune.grid_search(todo)})
+    try:
+        grid = execution.run_plan(plan, restore=can_restore)
+    except BaseException:
+        trk.finish_run(parent, "KILLED", tracking_uri=uri)  # no RUNNING parent left behind a crash or kill
+        raise
     # A Ctrl-C'd Tune run returns normally with its trials marked terminated: a trial is complete only when
     # its last report reached the end of its schedule (trial/progress, orchestration/trial.py) or it was skipped.
     unfinished = [r for r in grid if r.error is None and (r.config or {}).get("trial") not in done
@@ -292,7 +232,7 @@ def _launch(loaded: LoadedTable, resume: bool, echo) -> dict[str, Any]:
         key = (r.config or {}).get("trial")
         spec = specs.get(key)
         rows.append({"trial": key, "row": spec.row if spec else None, "column": spec.column if spec else None,
-                     "seed": spec.seed if spec else None, "error": str(r.error).splitlines()[0] if r.error else None,
+                     "seed": spec.seed if spec else None, "error": execution.error_line(r.error),
                      t.metric: (r.metrics or {}).get(t.metric)})
     errors = [f"{row['trial']}: {row['error']}" for row in rows if row["error"]]
     trk.finish_run(parent, "KILLED" if interrupted else ("FAILED" if errors else "FINISHED"), tracking_uri=uri)
@@ -315,7 +255,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained", help="ImageNet weights (path or s3://); default: the manifest's pretrained_env")
     p.add_argument("--storage", help="Ray storage (path or s3://bucket/prefix); default <project>/reproduce/<table>")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="paper-manifest overrides, e.g. defaults.train.steps=500 seeds=[0]")
+                   help="paper-manifest overrides, e.g. overrides.train.steps=500 seeds=[0]")
 
 
 def add_reproduce_parser(subparsers) -> argparse.ArgumentParser:

@@ -25,8 +25,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from orchestration.search import NUMBER_KEY
-from orchestration.trial import sampled_params, trial_key
+from orchestration import stats
+from orchestration.keys import NUMBER_KEY, error_line, sampled_params, trial_key
 
 TABLE_METRICS = ("eval/mIoU", "pl/quantity", "pl/quality", "pl/quantity_no_refine", "pl/quality_no_refine")
 TOP_N = 10
@@ -70,13 +70,15 @@ def collect_rows(grid, study, m) -> list[dict[str, Any]]:
             "node_ips": sorted(set(df["trial/node_ip"].dropna())) if df is not None and "trial/node_ip" in df
             else [],
             "train_s": sum(b - a for a, b in segments),
-            "error": str(r.error).splitlines()[0][:300] if r.error else None,
-            "params": sampled_params({k: v for k, v in config.items() if not k.startswith("__")}),
+            "error": error_line(r.error),
+            "params": sampled_params(config),
             "segments": segments,
         }
         for key in dict.fromkeys((m.metric, *TABLE_METRICS)):
             row[key] = _num(metrics.get(key))
+        row["per_seed"] = stats.seed_scores(metrics, m.metric)  # multi-seed trials only (trial.py)
         rows.append(row)
+    rows = _one_per_trial(rows)
     sign = -1.0 if m.mode == "max" else 1.0
 
     def order(row):
@@ -84,6 +86,23 @@ def collect_rows(grid, study, m) -> list[dict[str, Any]]:
         return (_STATE_ORDER.get(row["state"], 2), -row["evaluations"],
                 sign * value if value is not None else math.inf)
     return sorted(rows, key=order)
+
+
+def _one_per_trial(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per trial key. Ray can hold two results for one Optuna trial (a trial that failed to
+    start on a reused actor and was asked for again): the one that got furthest stands for the trial,
+    and the training time of both counts."""
+    by_key: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        kept = by_key.get(row["trial"])
+        if kept is None:
+            by_key[row["trial"]] = row
+            continue
+        first, second = sorted((kept, row), key=lambda r: (r["evaluations"], r["error"] is None), reverse=True)
+        first["segments"] = sorted(set(first["segments"]) | set(second["segments"]))
+        first["train_s"] = sum(b - a for a, b in first["segments"])
+        by_key[row["trial"]] = first
+    return list(by_key.values())
 
 
 def _union_length(intervals: list[tuple[float, float]]) -> float:
@@ -113,40 +132,6 @@ def summarise(rows: list[dict[str, Any]], sessions: list[list[float | None]], co
             "sessions": len(windows)}
 
 
-def mark_mlflow_runs(tracking: dict[str, str], rows: list[dict[str, Any]], finished: bool,
-                     files: list[Path] = (), timing: dict[str, float] | None = None) -> None:
-    """Driver-side bookkeeping a trial cannot do itself (ASHA may end it inside `tune.report`): tag each
-    child run with its Optuna state and early stop, close runs left RUNNING, and close the parent."""
-    from mlflow import MlflowClient
-
-    from orchestration.tracking import retry_locked
-
-    client = MlflowClient(tracking["uri"])
-    parent = tracking["parent_run_id"]
-    children = retry_locked(client.search_runs, [tracking["experiment_id"]],
-                            filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=10000)
-    by_key = {row["trial"]: row for row in rows}
-    for run in children:
-        row = by_key.get(run.data.tags.get("trial_key"))
-        rid = run.info.run_id
-        if row is None:  # asked for after Ray's last checkpoint before a driver kill (search.py)
-            if finished and run.info.status == "RUNNING":
-                retry_locked(client.set_tag, rid, "orphaned", "true")
-                retry_locked(client.set_terminated, rid, status="KILLED")
-            continue
-        for tag, value in (("optuna_state", row["state"]), ("stopped_early", str(row["stopped_early"]).lower()),
-                           ("evaluations", str(row["evaluations"]))):
-            retry_locked(client.set_tag, rid, tag, value)
-        if run.info.status == "RUNNING" and row["state"] in ("COMPLETE", "PRUNED", "FAIL"):
-            retry_locked(client.set_terminated, rid, status="FAILED" if row["state"] == "FAIL" else "FINISHED")
-    for path in files:
-        retry_locked(client.log_artifact, parent, str(path))
-    for key, value in (timing or {}).items():
-        if _num(value) is not None:
-            retry_locked(client.log_metric, parent, f"sweep/{key}", float(value))
-    retry_locked(client.set_terminated, parent, status="FINISHED" if finished else "KILLED")
-
-
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -171,6 +156,19 @@ def noise_marks(rows: list[dict[str, Any]], metric: str, floor: float | None, mo
         gap = abs(best - r[metric])
         marks[r["trial"]] = "best" if gap == 0 else ("within noise" if gap <= floor else "beyond noise")
     return marks
+
+
+def paired_marks(rows: list[dict[str, Any]], marks: dict[str, str]) -> dict[str, str]:
+    """Adds to each full-budget multi-seed trial's mark its paired-by-seed difference to the best trial
+    (orchestration/stats.py); rows are ranked, so the best is the first full-budget row."""
+    full = {r["trial"]: r["per_seed"] for r in rows if not r.get("stopped_early") and len(r.get("per_seed") or {}) > 1}
+    best = next((r["trial"] for r in rows if r["trial"] in full), None)
+    if best is None:
+        return marks
+    out = {**marks, best: marks.get(best, "best")}
+    for trial, p in stats.paired_vs_best(full, best).items():
+        out[trial] = f"{marks.get(trial, '-')}; paired {stats.fmt_paired(p)}"
+    return out
 
 
 def table(rows: list[dict[str, Any]], metric: str, n: int = TOP_N, marks: dict[str, str] | None = None) -> str:
@@ -199,7 +197,7 @@ def write_outputs(result, m, manifest_path: str | None, echo=print) -> list[Path
     rows, timing, out = result.rows, result.timing, result.sweep_dir
     flat = []
     for row in rows:
-        base = {k: v for k, v in row.items() if k not in ("params", "segments")}
+        base = {k: v for k, v in row.items() if k not in ("params", "segments", "per_seed")}
         flat.append({**base, **{f"param:{k}": v for k, v in row["params"].items()}})
     header = list(dict.fromkeys(k for row in flat for k in row))
     with open(out / "results.csv", "w", newline="") as f:
@@ -216,12 +214,14 @@ def write_outputs(result, m, manifest_path: str | None, echo=print) -> list[Path
                    f"{100 * timing['overhead_fraction']:.1f}% of wall time; trial-slot utilisation "
                    f"{100 * timing['slot_utilisation']:.1f}% (docs/sweeps.md)")
     floor = m.noise_floor.value
-    marks = noise_marks(rows, m.metric, floor, m.mode)
+    marks = paired_marks(rows, noise_marks(rows, m.metric, floor, m.mode))
     noise_text = (f"seed noise floor of the default configuration: {floor:g} {m.metric} ({m.noise_floor.source}); "
                   f"'vs best' marks full-budget trials whose gap to the best is within it (no evidence of a "
                   f"difference) or beyond it: {sum(v == 'beyond noise' for v in marks.values())} beyond, "
                   f"{sum(v == 'within noise' for v in marks.values())} within"
                   if floor is not None else "seed noise floor: not measured (noise_floor.value in the manifest)")
+    if any("paired" in v for v in marks.values()):
+        noise_text += f". {stats.legend()} 'paired' = trial − best over the seeds ({m.seeds})"
     ui = _ui_command(m, manifest_path)
     status = "INTERRUPTED - resume with --resume (make sweep RESUME=1)" if result.interrupted else "finished"
     md = "\n\n".join([f"# Sweep {m.name} ({status})", best_text.replace("\n  ", "\n- "),

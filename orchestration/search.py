@@ -5,12 +5,12 @@ are sampled in the listed order and a parameter with `when` is sampled only when
 on the value already drawn for its `when.key` (or, when that key is not searched or not active, on the
 base config's value). The sampler is seeded with multivariate TPE and constant liar pinned off: Optuna
 5 turns both on by default, and then suggestions depend on how many trials run at once
-(platform-notes.md). The study lives in persistent storage (`optuna_storage`, SQLite by default)
+(docs/platform.md). The study lives in persistent storage (`optuna_storage`, SQLite by default)
 under the sweep's name; the base config's values of the searched keys (the paper defaults of
-s4mc/config.py unless the base overrides them; method.md §3-4) are enqueued as trial 0.
+s4mc/config.py unless the base overrides them; docs/method.md §3-4) are enqueued as trial 0.
 
 Early stopping and the search. Ray's `OptunaSearch` tells Optuna that a trial stopped by ASHA is
-COMPLETE with its low-budget score (platform-notes.md), which puts a score after 1/4 of the training
+COMPLETE with its low-budget score (docs/platform.md), which puts a score after 1/4 of the training
 beside full-budget scores and can make `study.best_trial` a trial that never finished. We instead tell
 such trials as PRUNED: Optuna's own state for "stopped by an early-stopping rule". Every evaluation
 was already recorded as an intermediate value (`OptunaSearch.on_trial_result`), Optuna stores the last
@@ -38,12 +38,11 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from orchestration.keys import NUMBER_KEY, PROGRESS_KEY  # noqa: F401 (re-exported)
 from orchestration.manifest import Manifest, ParamConfig, condition_holds
 
 log = logging.getLogger(__name__)
 
-NUMBER_KEY = "optuna_trial"  # the Optuna trial number, carried in each Ray trial's config
-PROGRESS_KEY = "trial/progress"  # step / total steps of the last report (see orchestration.trial)
 SQLITE_TIMEOUT_S = 60  # concurrent driver + CLI readers of one SQLite file: wait, do not fail
 
 

@@ -25,8 +25,11 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 import boto3
+from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore import exceptions as bx
 from botocore.config import Config
@@ -46,7 +49,7 @@ READ_TIMEOUT_S = 60  # botocore's default
 # up to this many times in all, sleeping 0.5 s, 1 s, ... between tries.
 CHECKSUM_ATTEMPTS = 3
 CHECKSUM_BACKOFF_S = 0.5
-# Multipart above 64 MiB in 64 MiB parts, 4 parts in flight: 2-core workers (platform-notes.md) gain
+# Multipart above 64 MiB in 64 MiB parts, 4 parts in flight: 2-core workers (docs/platform.md) gain
 # nothing from boto3's default of 10 threads.
 TRANSFER = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20, max_concurrency=4)
 PROGRESS_MIN_BYTES = 16 * 2**20  # below this a progress bar is noise
@@ -85,6 +88,11 @@ class ObjectInfo:
     size: int
     etag: str
     sha256: str | None = None  # only known after a HEAD
+
+
+def have_credentials() -> bool:
+    """Whether the standard AWS chain finds any credentials (nothing is sent anywhere)."""
+    return boto3.session.Session().get_credentials() is not None
 
 
 def is_s3_uri(value: object) -> bool:
@@ -195,6 +203,12 @@ class S3Storage:
             raise StorageError(f"cannot {action} {uri}: {code} {err.get('Message', '')}".rstrip()) from None
         except bx.BotoCoreError as exc:
             raise StorageError(f"cannot {action} {uri}: {type(exc).__name__}: {exc}") from None
+        except S3UploadFailedError as exc:  # boto3's transfer manager wraps the ClientError in its own type
+            raise StorageError(f"cannot {action} {uri}: {str(exc).splitlines()[0][:300]}") from None
+
+    def check_bucket(self, bucket: str) -> None:
+        """Raises (botocore's error) unless the bucket exists and these credentials may use it."""
+        self.client.head_bucket(Bucket=bucket)
 
     # -- objects ----------------------------------------------------------------------------------
     def head(self, uri: str) -> ObjectInfo:
@@ -393,3 +407,20 @@ def resolve_local(path_or_uri: str | Path | None, cache_dir: str | Path,
         raise ValueError(f"path_or_uri={path_or_uri!r} has an unsupported scheme; expected a local path "
                          "or s3://bucket/key")
     return Path(path_or_uri)
+
+
+def storage_filesystem(storage: str):
+    """(pyarrow filesystem or None, path) for Ray's RunConfig; S3 needs the endpoint passed explicitly
+    because pyarrow ignores AWS_ENDPOINT_URL_S3 (docs/platform.md)."""
+    if not storage.startswith("s3://"):
+        return None, storage
+    import pyarrow.fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        url = urlparse(endpoint)
+        kwargs = {"endpoint_override": url.netloc, "scheme": url.scheme or "https"}
+    if os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION"):
+        kwargs["region"] = os.environ.get("AWS_REGION") or os.environ["AWS_DEFAULT_REGION"]
+    return pyarrow.fs.S3FileSystem(**kwargs), storage[len("s3://"):].rstrip("/")

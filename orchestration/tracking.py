@@ -15,22 +15,20 @@ import json
 import logging
 import math
 import os
-import random
 import re
-import tempfile
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 
-from orchestration import plots
-from orchestration.storage import S3Storage, is_s3_uri
-from s4mc.config import flatten, to_yaml
+from orchestration.outbox import call_with_retry
+from s4mc.config import flatten
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +36,7 @@ log = logging.getLogger(__name__)
 MAX_PARAM_VALUE, MAX_TAG_VALUE, MAX_KEY = 6000, 8000, 250
 MAX_PARAMS_TAGS_PER_BATCH, MAX_METRICS_PER_BATCH = 100, 1000
 TRUNCATED = "...[truncated]"
-# platform-notes.md: concurrent writers to one SQLite file get "database is locked". 8 tries from 0.1 s,
+# docs/platform.md: concurrent writers to one SQLite file get "database is locked". 8 tries from 0.1 s,
 # doubling with x0.5-1.5 jitter, wait up to ~25 s in all: longer than any commit a trial makes.
 LOCK_ATTEMPTS, LOCK_BACKOFF_S = 8, 0.1
 SAMPLES_LOGGED = 4  # "a few" sample predictions: the newest ones
@@ -48,19 +46,13 @@ SECRET_KEY = re.compile(r"secret|passw|token|credential|api[_-]?key|access[_-]?k
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")  # user:password@ inside URIs
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # MLflow's allowed key characters (validation.py)
 TAG_ROLE, TAG_SWEEP, TAG_TRIAL_KEY, TAG_PARENT = "s4mc.role", "sweep_name", "trial_key", "mlflow.parentRunId"
-QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}  # platform-notes.md
+QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}  # docs/platform.md
 
 
 def retry_locked(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Calls fn, retrying with backoff while the (SQLite) store reports "database is locked"."""
-    for attempt in range(LOCK_ATTEMPTS - 1):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:
-            if "database is locked" not in str(exc):
-                raise
-            time.sleep(LOCK_BACKOFF_S * 2**attempt * (0.5 + random.random()))
-    return fn(*args, **kwargs)
+    """Calls fn, retrying with backoff while the store is locked (SQLite) or unreachable (a server
+    outage), for up to the outage budget (orchestration/outbox.py); any other error raises at once."""
+    return call_with_retry(fn, *args, **kwargs)
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -87,7 +79,7 @@ def configure(tracking_uri: str | None = None, project_dir: str | Path | None = 
 
 
 def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
-    """Absolute artifact location for a local SQLite store (platform-notes.md: otherwise a trial creates
+    """Absolute artifact location for a local SQLite store (docs/platform.md: otherwise a trial creates
     ./mlruns inside Ray's session directory); None lets a server or file store choose."""
     if (db := _sqlite_path(tracking_uri)) is None:
         return None
@@ -114,7 +106,17 @@ def ensure_experiment(name: str, artifact_location: str | None = None, tracking_
     return exp.experiment_id
 
 
-def _quoted(value: str, what: str) -> str:
+# The UI's query parameter for its training-runs view (MLflow 3.17 opens a bare URL on the GenAI side).
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def experiment_id(name: str, tracking_uri: str | None = None) -> str | None:
+    """The id of experiment `name`, or None when it does not exist (nothing is created)."""
+    exp = retry_locked(MlflowClient(tracking_uri).get_experiment_by_name, name)
+    return exp.experiment_id if exp is not None else None
+
+
+def quoted(value: str, what: str) -> str:
     if "'" in value or "\\" in value:
         raise ValueError(f"{what}={value!r} holds a quote or backslash, which MLflow search filters cannot")
     return f"'{value}'"
@@ -122,7 +124,7 @@ def _quoted(value: str, what: str) -> str:
 
 def find_run(client: MlflowClient, experiment_id: str, tags: Mapping[str, str]):
     """The oldest run of the experiment carrying all these tag values, or None."""
-    filt = " and ".join(f"tags.`{k}` = {_quoted(v, k)}" for k, v in tags.items())
+    filt = " and ".join(f"tags.`{k}` = {quoted(v, k)}" for k, v in tags.items())
     found = retry_locked(client.search_runs, [experiment_id], filter_string=filt, max_results=1,
                          order_by=["attributes.start_time ASC"])
     return found[0] if found else None
@@ -143,23 +145,23 @@ def start_sweep_run(experiment: str, sweep_name: str, tags: Mapping[str, Any] | 
             exp = None
     exp_id = exp.experiment_id if exp else ensure_experiment(experiment, tracking_uri=client.tracking_uri)
     found = find_run(client, exp_id, {TAG_SWEEP: sweep_name, TAG_ROLE: "sweep"})
-    all_tags = {**_clean_tags(tags or {}), TAG_SWEEP: sweep_name, TAG_ROLE: "sweep"}
+    all_tags = {**clean_tags(tags or {}), TAG_SWEEP: sweep_name, TAG_ROLE: "sweep"}
     if found is None:
         return retry_locked(client.create_run, exp_id, tags=all_tags, run_name=sweep_name).info.run_id
     run_id = found.info.run_id
     retry_locked(client.update_run, run_id, status="RUNNING")
-    _log_tags(client, run_id, all_tags)
+    log_tags(client, run_id, all_tags)
     log.info("reusing sweep run %s for sweep %r", run_id, sweep_name)
     return run_id
 
 
 def finish_run(run_id: str, status: str = "FINISHED", tracking_uri: str | None = None) -> None:
     """Ends any run (e.g. the sweep's parent) as FINISHED, FAILED or KILLED."""
-    _check_status(status)
+    check_status(status)
     retry_locked(MlflowClient(tracking_uri).set_terminated, run_id, status=status)
 
 
-def _check_status(status: str) -> None:
+def check_status(status: str) -> None:
     if status not in STATUSES:
         raise ValueError(f"status={status!r} is not allowed; expected one of: {', '.join(STATUSES)}")
 
@@ -170,25 +172,25 @@ def _value(value: Any, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - len(TRUNCATED)] + TRUNCATED
 
 
-def _key(key: str) -> str:
+def metric_key(key: str) -> str:
     return re.sub(r"/{2,}", "/", _BAD_KEY_CHARS.sub("_", str(key))).strip("/")[:MAX_KEY]
 
 
-def _clean_tags(tags: Mapping[str, Any]) -> dict[str, str]:
-    return {_key(k): _value(v, MAX_TAG_VALUE) for k, v in tags.items()
+def clean_tags(tags: Mapping[str, Any]) -> dict[str, str]:
+    return {metric_key(k): _value(v, MAX_TAG_VALUE) for k, v in tags.items()
             if v is not None and not SECRET_KEY.search(str(k))}
 
 
-def _batches(client: MlflowClient, run_id: str, field: str, items: list, size: int) -> None:
+def log_in_batches(client: MlflowClient, run_id: str, field: str, items: list, size: int) -> None:
     for i in range(0, len(items), size):  # MLflow caps the entities per log_batch request
         retry_locked(client.log_batch, run_id, **{field: items[i:i + size]})
 
 
-def _log_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
-    _batches(client, run_id, "tags", [RunTag(k, v) for k, v in tags.items()], MAX_PARAMS_TAGS_PER_BATCH)
+def log_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
+    log_in_batches(client, run_id, "tags", [RunTag(k, v) for k, v in tags.items()], MAX_PARAMS_TAGS_PER_BATCH)
 
 
-def _number(value: Any) -> float | None:
+def as_number(value: Any) -> float | None:
     if hasattr(value, "item"):  # numpy / torch scalars
         value = value.item()
     return None if isinstance(value, bool) or not isinstance(value, int | float) else float(value)
@@ -196,208 +198,90 @@ def _number(value: Any) -> float | None:
 
 def config_params(cfg: Any) -> dict[str, str]:
     """MLflow params of a config: flattened dotted keys, secret-looking keys skipped, values cut to fit."""
-    return {_key(k): _value(v, MAX_PARAM_VALUE) for k, v in flatten(cfg).items() if not SECRET_KEY.search(k)}
+    return {metric_key(k): _value(v, MAX_PARAM_VALUE) for k, v in flatten(cfg).items() if not SECRET_KEY.search(k)}
 
 
-class TrialTracker:
-    """s4mc trainer callback mirroring one trial into an MLflow child run of the sweep's parent run.
+# -- the driver's side: a sweep's or a table's parent run and its children ----------------------------
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where a job's trials log: the store, the experiment and the parent run (picklable for Ray)."""
 
-    Artifacts (config, summary, CSVs, plots, samples, best checkpoint) are logged by `on_train_end`,
-    `log_final` (before the last Ray report, which may never return) and `finish` (failed / stopped
-    trials); a file already logged unchanged is not sent again. checkpoint_prefix: when the sweep's
-    storage is S3 (s3://bucket/.../<trial>), the best checkpoint goes there and into the tag
-    best_checkpoint_uri; otherwise it is the artifact checkpoints/best.pt (local or proxied store).
-    """
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+    kind: str = "sweep"  # "sweep" (an Optuna trial number per trial) or "paper" (a seed per trial)
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str | None, trial_name: str,
-                 trial_key: str, cfg: Any, tags: Mapping[str, Any] | None = None,
-                 checkpoint_prefix: str | None = None, samples: int = SAMPLES_LOGGED):
-        _quoted(trial_key, "trial_key")
-        self.client = MlflowClient(tracking_uri)
-        self.experiment_id, self.parent_run_id = str(experiment_id), parent_run_id
-        self.trial_name, self.trial_key, self.cfg = trial_name, trial_key, cfg
-        self.extra_tags = dict(tags or {})
-        self.checkpoint_prefix = checkpoint_prefix.rstrip("/") if checkpoint_prefix else None
-        self.samples = samples
-        self.run_id: str | None = None
-        self.run_dir: Path | None = None
-        self.ended = False
-        self._logged_up_to = {"train": -1, "eval": -1}  # steps already in a reused run (resume replays)
-        self._best_path: Path | None = None
-        self._last_step = 0
-        self._sent: dict[tuple[str, str], tuple[int, int]] = {}  # (artifact dir, file) -> (size, mtime_ns)
 
-    # -- the callback interface (docs/architecture.md) ---------------------------------------------
-    def on_train_start(self, info: Mapping[str, Any]) -> None:
-        if info.get("run_dir"):
-            self.run_dir = Path(info["run_dir"])
-        self.ensure_run()
-        tags = {k: info[k] for k in ("total_steps", "start_step", "num_params", "device") if k in info}
-        _log_tags(self.client, self.run_id, _clean_tags({**tags, **self._versions_tags()}))
+def archive_parent(uri: str, exp_id: str, name: str) -> None:
+    """A fresh job must not adopt the parent run of an earlier one of the same name (deleted folder):
+    the older parent keeps its runs but its sweep_name tag gets the run id appended."""
+    client = MlflowClient(uri)
+    for run in retry_locked(client.search_runs, [exp_id], filter_string=f"tags.{TAG_SWEEP} = {quoted(name, 'name')} "
+                            f"and tags.`{TAG_ROLE}` = 'sweep'"):
+        retry_locked(client.set_tag, run.info.run_id, TAG_SWEEP, f"{name}~{run.info.run_id[:8]}")
 
-    def on_step(self, step: int, metrics: Mapping[str, Any]) -> None:
-        self._log_metrics("train", step, metrics)
 
-    def on_eval(self, step: int, metrics: Mapping[str, Any]) -> None:
-        self._log_metrics("eval", step, metrics)
+def log_files(uri: str, run_id: str, paths) -> None:
+    client = MlflowClient(uri)
+    for path in paths:
+        retry_locked(client.log_artifact, run_id, str(path))
 
-    def on_checkpoint(self, step: int, path: str | Path, is_best: bool = False) -> None:
-        if is_best:
-            self._best_path = Path(path)
-            _log_tags(self.client, self.ensure_run(), {"best_checkpoint_step": str(int(step))})
 
-    def on_train_end(self, summary: Mapping[str, Any]) -> None:
-        self.log_summary(summary)
-        self._log_artifacts(summary)
-        self._end("FINISHED")
+def open_child_run(target: TrackingTarget, key: str, tags: Mapping[str, str]) -> str:
+    """The child run of trial `key` under the parent, created with `tags` (or tagged, if it exists): the
+    trial's TrialTracker then finds it by (role, trial_key, parent), so every run of a paper table
+    carries its table tags, even one that fails before its first report."""
+    client = MlflowClient(target.uri)
+    identity = {TAG_ROLE: "trial", TAG_TRIAL_KEY: key, TAG_PARENT: target.parent_run_id}
+    run = find_run(client, target.experiment_id, identity)
+    if run is None:
+        return retry_locked(client.create_run, target.experiment_id, tags={**identity, **tags},
+                            run_name=key).info.run_id
+    log_tags(client, run.info.run_id, dict(tags))
+    return run.info.run_id
 
-    def log_summary(self, summary: Mapping[str, Any]) -> None:
-        """Logs the summary's top-level numbers (best/eval/mIoU, best/step, steps_per_s, ...); its
-        "final" entry repeats the last on_eval and is skipped."""
-        numbers = {k: v for k, v in summary.items() if (n := _number(v)) is not None and math.isfinite(n)}
-        self._log_metrics("summary", int(numbers.get("steps", self._last_step)), numbers)
 
-    def log_final(self, row: Mapping[str, Any] | None = None) -> None:
-        """Logs the artifacts as they are now, without ending the run (call before the last report)."""
-        self._log_artifacts(None)
+def close_children(target: TrackingTarget, rows: list[dict[str, Any]], finished: bool, files=(),
+                   timing: Mapping[str, float] | None = None) -> None:
+    """Driver-side bookkeeping a trial cannot do itself (ASHA may end it inside `tune.report`): tag each
+    child run with its Optuna state and early stop, close runs left RUNNING, and close the parent with
+    the job's files and timing."""
+    client = MlflowClient(target.uri)
+    parent = target.parent_run_id
+    children = retry_locked(client.search_runs, [target.experiment_id],
+                            filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=10000)
+    by_key = {row["trial"]: row for row in rows}
+    for run in children:
+        row = by_key.get(run.data.tags.get(TAG_TRIAL_KEY))
+        rid = run.info.run_id
+        if row is None:  # asked for after Ray's last checkpoint before a driver kill (search.py)
+            if finished and run.info.status == "RUNNING":
+                log_tags(client, rid, {"orphaned": "true"})
+                retry_locked(client.set_terminated, rid, status="KILLED")
+            continue
+        log_tags(client, rid, {"optuna_state": row["state"], "stopped_early": str(row["stopped_early"]).lower(),
+                               "evaluations": str(row["evaluations"])})
+        if run.info.status == "RUNNING" and row["state"] in ("COMPLETE", "PRUNED", "FAIL"):
+            retry_locked(client.set_terminated, rid, status="FAILED" if row["state"] == "FAIL" else "FINISHED")
+    log_files(target.uri, parent, files)
+    metrics = [Metric(f"sweep/{k}", float(v), int(time.time() * 1000), 0) for k, v in (timing or {}).items()
+               if (n := as_number(v)) is not None and math.isfinite(n)]
+    log_in_batches(client, parent, "metrics", metrics, MAX_METRICS_PER_BATCH)
+    retry_locked(client.set_terminated, parent, status="FINISHED" if finished else "KILLED")
 
-    def finish(self, status: str = "FAILED", error: BaseException | str | None = None) -> None:
-        """Ends the run as FAILED / KILLED (or FINISHED) with whatever artifacts exist; no-op once ended."""
-        _check_status(status)
-        if self.ended:
-            return
-        self.ensure_run()
-        if error is not None:
-            text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else error
-            _log_tags(self.client, self.run_id, _clean_tags({"error": text}))
-        try:
-            self._log_artifacts(None)
-        except Exception as exc:  # never hide the original failure behind an artifact problem
-            log.warning("trial %s: logging artifacts on %s failed: %s", self.trial_key, status, exc)
-        self._end(status)
 
-    # -- the run ----------------------------------------------------------------------------------
-    def ensure_run(self) -> str:
-        """Creates the child run, or reuses the one tagged with this trial_key; returns its id."""
-        if self.run_id is not None:
-            return self.run_id
-        identity = {k: v for k, v in ((TAG_ROLE, "trial"), (TAG_TRIAL_KEY, self.trial_key),
-                                      (TAG_PARENT, self.parent_run_id)) if v}
-        run = find_run(self.client, self.experiment_id, identity)
-        existing: dict[str, str] = {}
-        if run is not None:
-            self.run_id, existing = run.info.run_id, dict(run.data.params)
-            retry_locked(self.client.update_run, self.run_id, status="RUNNING")
-            for kind in self._logged_up_to:
-                self._logged_up_to[kind] = self._max_logged_step(run, kind + "/")
-            log.info("trial %s: reusing MLflow run %s (logged up to %s)", self.trial_key, self.run_id,
-                     self._logged_up_to)
-        else:
-            self.run_id = retry_locked(self.client.create_run, self.experiment_id, tags=identity,
-                                       run_name=self.trial_name).info.run_id
-        self.ended = False
-        params = config_params(self.cfg)
-        if conflicts := sorted(k for k, v in params.items() if existing.get(k, v) != v):
-            # MLflow params are immutable: the first values stay, and the log says which differ.
-            log.warning("trial %s: params differ from the reused run (first values kept): %s",
-                        self.trial_key, ", ".join(conflicts))
-        _batches(self.client, self.run_id, "params", [Param(k, v) for k, v in params.items() if k not in existing],
-                 MAX_PARAMS_TAGS_PER_BATCH)
-        _log_tags(self.client, self.run_id, self._identity_tags())
-        return self.run_id
-
-    def _identity_tags(self) -> dict[str, str]:
-        p = flatten(self.cfg)
-        tags: dict[str, Any] = {"dataset": p.get("data.name"), "split": p.get("data.split"),
-                                "split_family": p.get("data.split_family"), "seed": p.get("train.seed"),
-                                "host": p.get("host.name"), "s4mc": p.get("s4mc.enabled"),
-                                TAG_TRIAL_KEY: self.trial_key, TAG_ROLE: "trial"}
-        from s4mc.train.reporting import git_commit  # lazy: it imports torch, which only trials need
-
-        if (commit := self.extra_tags.get("git_commit") or git_commit()) != "unknown":
-            tags["git_commit"] = tags["mlflow.source.git.commit"] = commit
-        return _clean_tags({**tags, **self.extra_tags})
-
-    def _versions_tags(self) -> dict[str, Any]:
-        # versions.json is written by the trainer (s4mc/train/reporting.py): the exact code that ran.
-        try:
-            versions = json.loads((self.run_dir / "versions.json").read_text()) if self.run_dir else {}
-        except (OSError, ValueError):
-            return {}
-        tags = {f"versions.{k}": v for k, v in versions.items() if isinstance(v, str | int | float)}
-        if (commit := versions.get("git_commit")) and commit != "unknown":
-            tags["git_commit"] = tags["mlflow.source.git.commit"] = commit
-        return tags
-
-    def _max_logged_step(self, run, prefix: str) -> int:
-        keys = sorted(k for k in run.data.metrics if k.startswith(prefix))
-        history = retry_locked(self.client.get_metric_history, self.run_id, keys[0]) if keys else []
-        return max((m.step for m in history), default=-1)
-
-    def _end(self, status: str) -> None:
-        retry_locked(self.client.set_terminated, self.ensure_run(), status=status)
-        self.ended = True
-
-    def _log_metrics(self, kind: str, step: int, metrics: Mapping[str, Any]) -> None:
-        run_id, step = self.ensure_run(), int(step)
-        self._last_step = max(self._last_step, step)
-        if step <= self._logged_up_to.get(kind, -1):
-            return  # a resumed trainer replays the rows after its checkpoint: they are already logged
-        now = int(time.time() * 1000)
-        items = [Metric(_key(k), num, now, step) for k, v in metrics.items()
-                 if k != "step" and (num := _number(v)) is not None]
-        _batches(self.client, run_id, "metrics", items, MAX_METRICS_PER_BATCH)
-
-    # -- artifacts --------------------------------------------------------------------------------
-    def _send(self, path: Path, dest: str, failures: list[str], always: bool = False) -> None:
-        """Logs a file as an artifact under dest ("" = the root), or uploads it when dest is an s3:// URI;
-        skipped when this file (same size and mtime) already went there."""
-        stat = path.stat()
-        mark, sig = (dest, str(path)), (stat.st_size, stat.st_mtime_ns)
-        if not always and self._sent.get(mark) == sig:
-            return
-        try:
-            if is_s3_uri(dest):
-                S3Storage().upload_file(path, dest)
-                _log_tags(self.client, self.run_id, {"best_checkpoint_uri": dest})
-            else:
-                retry_locked(self.client.log_artifact, self.run_id, str(path), dest or None)
-            self._sent[mark] = sig
-        except Exception as exc:  # one failed artifact must not lose the others (or end the trial)
-            failures.append(f"{path.name}: {exc}")
-
-    def _log_artifacts(self, summary: Mapping[str, Any] | None) -> None:
-        rd, failures = self.run_dir, []
-        self.ensure_run()
-        with tempfile.TemporaryDirectory(prefix="s4mc-mlflow-") as tmp_name:
-            tmp = Path(tmp_name)
-            names = ("config.yaml", "summary.json", "versions.json", "train.csv", "eval.csv")
-            files = {n: rd / n for n in names if rd and (rd / n).is_file()}
-            if "config.yaml" not in files:  # no run folder yet (failed early): the config we were given
-                files["config.yaml"] = tmp / "config.yaml"
-                files["config.yaml"].write_text(to_yaml(self.cfg))
-            if "summary.json" not in files and summary is not None:
-                files["summary.json"] = tmp / "summary.json"
-                files["summary.json"].write_text(json.dumps(dict(summary), indent=2, default=str))
-            for path in files.values():
-                self._send(path, "", failures, always=path.parent == tmp)
-            for name, render, source in (("figure4.png", plots.figure4, "train.csv"),
-                                         ("eval_curves.png", plots.curves, "eval.csv")):
-                if source in files:
-                    try:
-                        self._send(render(files[source], tmp / name), "plots", failures, always=True)
-                    except ValueError as exc:  # e.g. no pl/* columns for the supervised host
-                        log.info("trial %s: %s not drawn: %s", self.trial_key, name, exc)
-            # samples/step_<t>.png: the newest few; (length, name) orders step numbers with or without padding
-            pngs = sorted((rd / "samples").glob("*.png"), key=lambda p: (len(p.stem), p.stem)) if rd else []
-            for png in pngs[max(0, len(pngs) - self.samples):]:
-                self._send(png, "samples", failures)
-            # best.pt is the stable copy; the step_<t>.pt we were told about may have been rotated away.
-            best = [p for p in (rd / "checkpoints" / "best.pt" if rd else None, self._best_path) if p and p.is_file()]
-            if best:
-                s3 = bool(self.checkpoint_prefix) and is_s3_uri(self.checkpoint_prefix)
-                self._send(best[0], f"{self.checkpoint_prefix}/best.pt" if s3 else "checkpoints", failures)
-        if failures:
-            text = "; ".join(failures)
-            log.warning("trial %s: %d artifacts not logged: %s", self.trial_key, len(failures), text)
-            _log_tags(self.client, self.run_id, _clean_tags({"artifact_errors": text}))
+def table_runs(tracking_uri: str, table: str, experiment_ids: list[str] | None = None) -> list:
+    """Every trial run tagged with this paper table, in the given experiments (default: the whole store)."""
+    client = MlflowClient(tracking_uri)
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in retry_locked(client.search_experiments)]
+    if not experiment_ids:
+        return []
+    runs, token = [], None
+    while True:
+        page = retry_locked(client.search_runs, experiment_ids, max_results=1000, page_token=token,
+                            filter_string=f"tags.table = {quoted(table, 'table')} and tags.`{TAG_ROLE}` = 'trial'")
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs

@@ -1,4 +1,5 @@
-"""The installed `s4mc` command: `s4mc.cli` plus s3:// resolution for data roots and weights.
+"""The installed `s4mc` command: `s4mc.cli` plus s3:// resolution for data roots and weights, and
+`s4mc data upload|download` (orchestration/data_cli.py) to move a data set into S3 with checksums.
 
 s4mc/ stays free of boto3; this wrapper hands it a resolver that syncs object-store URIs into a
 worker-local cache (checksummed) before training starts.
@@ -21,6 +22,11 @@ def _resolve(uri: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["data"]:  # object storage: lives here, not in s4mc/ (no boto3 there)
+        from orchestration.data_cli import main as data_main
+
+        return data_main(argv[1:])
     return s4mc_main(argv, resolve=_resolve)
 
 

@@ -13,7 +13,7 @@ always equals the trainer's evaluation count.
 
 Several `seeds` train in lockstep: each seed's run trains to its next evaluation and stops there
 (`StopTraining` after the checkpoint), the trial reports the mean over seeds, and the next round
-resumes every run from its checkpoint. ASHA stops a trial inside `tune.report` (platform-notes.md):
+resumes every run from its checkpoint. ASHA stops a trial inside `tune.report` (docs/platform.md):
 the MLflow run is closed in `finally`, and final artifacts are logged before the last report.
 
 `resources_per_trial.gpu > 1` (or `workers > 1`) trains data-parallel: the trial drives a Ray Train
@@ -34,22 +34,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from orchestration.keys import NUMBER_KEY, PROGRESS_KEY, sampled_params, trial_key
 from orchestration.manifest import Manifest, dp_workers
-from orchestration.search import NUMBER_KEY, PROGRESS_KEY
-from s4mc.config import load_config
+from s4mc.config import as_layer, config_layers, flatten, load_config
 from s4mc.train import StopTraining, run_training
 
 CKPT_FILES = ("last.pt", "best.pt")
 RUN_FILES = ("metrics.jsonl", "train.csv", "eval.csv")  # small; keep the run folder whole on another node
-
-
-def trial_key(sweep: str, config: dict) -> str:
-    """Stable across retries and restores: the sweep name and the Optuna trial number."""
-    return f"{sweep}-t{int(config[NUMBER_KEY]):03d}"
-
-
-def sampled_params(config: dict) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k != NUMBER_KEY}
 
 
 def _dotted(key: str, value: Any) -> dict:
@@ -79,10 +70,10 @@ def build_trial_config(m: Manifest, params: dict[str, Any], seed: int, run_dir: 
     base_config: the driver's resolved base + overrides (so worker nodes need not hold the YAML files);
     without it the base YAML is read here.
     """
-    cfg = (load_config(None, base=base_config) if base_config is not None
-           else load_config(m.base, overrides=list(m.overrides)))
-    threads = [] if any(o.startswith("train.threads=") for o in m.overrides) else [
-        # One torch thread per reserved CPU: trials share the machine (platform-notes.md).
+    # Validated once, whole: the base may be a recipe that only the cell's keys complete (a data root).
+    cfg = OmegaConf.create(base_config) if base_config is not None else config_layers(m.base, [m.overrides])
+    threads = [] if "train.threads" in flatten(as_layer(m.overrides)) else [
+        # One torch thread per reserved CPU: trials share the machine (docs/platform.md).
         _dotted("train.threads", max(1, math.ceil(m.resources_per_trial.cpu)))]
     layers = [_dotted(k, v) for k, v in params.items()] + threads + [
         _dotted("train.seed", int(seed)), _dotted("train.progress", False),
@@ -117,6 +108,29 @@ def restore_runs(runs: dict[int, Path], get_checkpoint) -> None:
                     shutil.copy2(saved / name, dst)
 
 
+def write_trial_summary(runs: dict[int, Path], step: int, total: int, stopped_early: bool) -> dict[str, Any]:
+    """summary.json in each seed's run folder for a run that Tune ends inside a report (the last one, or
+    an ASHA stop), where the trainer never writes its own; returns the summary over the seeds' mean."""
+    import csv
+
+    per_step: dict[int, list[float]] = {}
+    for run_dir in runs.values():
+        path = run_dir / "eval.csv"
+        rows = list(csv.DictReader(path.open())) if path.is_file() else []
+        for row in rows:
+            if row.get("eval/mIoU") not in (None, ""):
+                per_step.setdefault(int(float(row["step"])), []).append(float(row["eval/mIoU"]))
+    mean = {s: sum(v) / len(v) for s, v in per_step.items() if len(v) == len(runs)}
+    best_step = max(mean, key=lambda s: (mean[s], -s)) if mean else -1
+    summary = {"steps": step, "total_steps": total, "stopped_early": stopped_early,
+               "best/eval/mIoU": mean.get(best_step, math.nan), "best/step": best_step,
+               "written_by": "orchestration/trial.py (the run ended inside a Ray report)"}
+    for run_dir in runs.values():
+        if run_dir.is_dir() and not (run_dir / "summary.json").is_file():
+            (run_dir / "summary.json").write_text(json.dumps({"run_dir": str(run_dir), **summary}, indent=2))
+    return summary
+
+
 class RayReporter:
     """Reports one row per evaluation to Tune, with a checkpoint of every seed's run folder."""
 
@@ -126,6 +140,7 @@ class RayReporter:
         self.checkpoint_cls = checkpoint_cls
         self.tracker, self.rank = tracker, rank
         self.total, self.start_step, self.pending, self.checkpointed = 0, 0, None, None
+        self.last_step = 0
         self.segment_start = time.time()  # training time = report-free segments (orchestration/results.py)
         import ray
 
@@ -156,8 +171,11 @@ class RayReporter:
                     PROGRESS_KEY: step / max(self.total, 1), "trial/resumed_from": self.start_step,
                     "trial/segment_start": self.segment_start, "trial/time": time.time(),
                     "trial/node_ip": self.node_ip, "trial/key": self.key})
+        self.last_step = step
         if step >= self.total and self.tracker is not None:
-            # ASHA / max_t may end the trial inside this report (platform-notes.md): log artifacts first.
+            # ASHA / max_t may end the trial inside this report (docs/platform.md): the summary and the
+            # artifacts first.
+            self.tracker.log_summary(write_trial_summary(self.runs, step, self.total, stopped_early=False))
             self.tracker.finish("FINISHED")
         if not with_checkpoint:
             self.report_fn(row)
@@ -207,7 +225,7 @@ class _Round:
 
 
 def _train_lockstep(cfgs: dict[int, DictConfig], runs: dict[int, Path], reporter: RayReporter,
-                    tracker) -> None:
+                    tracker, metric: str = "eval/mIoU") -> None:
     first = True
     while True:
         rounds = {}
@@ -227,7 +245,9 @@ def _train_lockstep(cfgs: dict[int, DictConfig], runs: dict[int, Path], reporter
         mean = {k: sum(r.metrics[k] for r in rounds.values()) / len(rounds) for k in sorted(keys)}
         if tracker is not None and hasattr(tracker, "on_eval"):
             tracker.on_eval(step, mean)
-        reporter.report(step, mean)
+        # Each seed's own score too: the sweep summary pairs trials by seed (orchestration/results.py).
+        per_seed = {f"seed_{s}/{metric}": r.metrics[metric] for s, r in rounds.items() if metric in r.metrics}
+        reporter.report(step, {**mean, **per_seed})
         if step >= reporter.total:
             return
 
@@ -259,11 +279,13 @@ def _tracker(m: Manifest, tracking: dict | None, key: str, number: int, cfg: Dic
              params: dict[str, Any]):
     if not tracking:
         return None
-    from orchestration.tracking import TrialTracker
+    from orchestration.trial_tracker import TrialTracker
 
-    tags = {"sweep_name": m.name, "optuna_trial": number, **{f"param.{k}": v for k, v in params.items()}}
+    # A paper table's trial number is its seed, not an Optuna trial (orchestration/keys.py).
+    number_tag = {"optuna_trial": number} if tracking.kind == "sweep" else {}
+    tags = {"sweep_name": m.name, **number_tag, **{f"param.{k}": v for k, v in params.items()}}
     prefix = f"{m.storage.rstrip('/')}/best/{key}" if m.storage.startswith("s3://") else None
-    return TrialTracker(tracking["uri"], tracking["experiment_id"], tracking["parent_run_id"], key, key, cfg,
+    return TrialTracker(tracking.uri, tracking.experiment_id, tracking.parent_run_id, key, key, cfg,
                         tags, checkpoint_prefix=prefix)
 
 
@@ -292,10 +314,13 @@ def run_trial(config: dict, m: Manifest, tracking: dict | None, report_fn, get_c
             cbs = ([_Tracked(tracker)] if tracker is not None else []) + [reporter, *callbacks]
             run_training(cfgs[seed], runs[seed], callbacks=cbs, resume=True)
         else:
-            _train_lockstep(cfgs, runs, reporter, tracker)
+            _train_lockstep(cfgs, runs, reporter, tracker, m.metric)
         status = "FINISHED"
     except SystemExit:  # Tune ends a stopped trial with sys.exit(0) inside report (ray/train session)
         status = "FINISHED"
+        if tracker is not None and not tracker.ended:  # stopped early (ASHA): its summary says so
+            tracker.log_summary(write_trial_summary(runs, reporter.last_step, reporter.total, stopped_early=True))
+            tracker.set_tags({"stopped_early": "true"})
         raise
     finally:
         if tracker is not None:
@@ -332,14 +357,13 @@ def _data_parallel(config: dict, m: Manifest, tracking: dict | None, base_config
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestration.sweep import storage_filesystem
+    from orchestration.execution import worker_bundle
+    from orchestration.storage import storage_filesystem
 
     r = m.resources_per_trial
     workers = dp_workers(r)
     fs, path = storage_filesystem(m.storage)
-    per_worker = {"CPU": max(r.cpu / workers, 0.1)}
-    if r.gpu > 0:
-        per_worker["GPU"] = r.gpu / workers
+    per_worker = {k: v for k, v in worker_bundle(r).items() if v > 0}
     trainer = TorchTrainer(
         _ddp_worker, train_loop_config={"config": config, "manifest": m, "tracking": tracking,
                                         "base_config": base_config},

@@ -10,12 +10,16 @@ bad value and what is allowed, raised before anything runs.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from s4mc import vocab
+from s4mc.vocab import SLIDING_STRIDE_RATIO
 
 
 class ConfigError(ValueError):
@@ -26,12 +30,12 @@ class ConfigError(ValueError):
 class ModelConfig:
     backbone: str = "resnet18"
     width: float = 1.0  # channel multiplier; < 1 gives the small CPU models of the embedded runs
-    deep_stem: bool = False  # three 3x3 stem convs, as the published ResNet-101 runs (method.md §7)
+    deep_stem: bool = False  # three 3x3 stem convs, as the published ResNet-101 runs (docs/method.md §7)
     output_stride: int = 16
     multi_grid: bool = False
-    aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18])  # method.md §7 (VOC, COCO)
+    aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18])  # docs/method.md §7 (VOC, COCO)
     head_channels: int = 256  # DeepLabV3+ ASPP/decoder width (Chen et al. 2018)
-    fp_dropout: float = 0.5  # UniMatch feature perturbation (method.md §5)
+    fp_dropout: float = 0.5  # UniMatch feature perturbation (docs/method.md §5)
     pretrained: str | None = None  # local path or s3:// URI in torchvision's key layout
     pretrained_layout: str = "torchvision"  # or "deep_stem"
 
@@ -51,7 +55,7 @@ class DataConfig:
     split: str = "50"  # labeled split: "50" (embedded label count), "366", "1_16", ...
     split_family: str = "unimatch"  # published split family for real data: unimatch | u2pl
     crop_size: int = 64
-    scale_min: float = 0.5  # random scale 0.5-2.0 (method.md / UniMatch)
+    scale_min: float = 0.5  # random scale 0.5-2.0 (docs/method.md / UniMatch)
     scale_max: float = 2.0
     flip: bool = True
     batch_size: int = 8  # labeled images per step (per process)
@@ -64,13 +68,13 @@ class DataConfig:
 class HostConfig:
     name: str = "cutmix_seg"  # supervised | cutmix_seg | fixmatch | unimatch
     # The host's own fixed threshold, used whenever DPA is off. FixMatch's 0.95 on max probability
-    # (Sohn et al. 2020; method.md §4); UniMatch uses the same; we apply it to CutMix-Seg as well.
+    # (Sohn et al. 2020; docs/method.md §4); UniMatch uses the same; we apply it to CutMix-Seg as well.
     threshold: float = 0.95
     threshold_confidence: str = "max"
-    unsup_weight: float = 1.0  # lambda in L = L_sup + lambda L_unsup (method.md §1)
-    ema_decay: float = 0.99  # mean-teacher tau (method.md §5)
-    cutmix_prob: float = 0.5  # FixMatch / UniMatch strong-view CutMix (method.md §5)
-    # UniMatch loss (L_x + w_s1 L_s1 + w_s2 L_s2 + w_fp L_fp) * scale (method.md §5); the S4MC paper's
+    unsup_weight: float = 1.0  # lambda in L = L_sup + lambda L_unsup (docs/method.md §1)
+    ema_decay: float = 0.99  # mean-teacher tau (docs/method.md §5)
+    cutmix_prob: float = 0.5  # FixMatch / UniMatch strong-view CutMix (docs/method.md §5)
+    # UniMatch loss (L_x + w_s1 L_s1 + w_s2 L_s2 + w_fp L_fp) * scale (docs/method.md §5); the S4MC paper's
     # variant is w_s1 = w_s2 = 0.5, w_fp = 0.
     w_s1: float = 0.25
     w_s2: float = 0.25
@@ -90,7 +94,7 @@ class S4MCConfig:
     enabled: bool = True  # master switch: False = the host's true baseline (no refinement, no DPA)
     refine: bool = True
     dpa: bool = True
-    confidence: str = "margin"  # kappa for DPA (method.md §2; paper Table F.1: margin best)
+    confidence: str = "margin"  # kappa for DPA (docs/method.md §2; paper Table F.1: margin best)
     neighbourhood: str = "3x3"  # paper Table 7 best
     k: int = 1
     beta: str = "one"
@@ -107,25 +111,30 @@ class S4MCConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 600  # optimisation steps (iterations); the schedule runs per step (method.md §4)
+    steps: int = 600  # optimisation steps (iterations); the schedule runs per step (docs/method.md §4)
     epochs: int | None = None  # if set, steps = epochs x ceil(len(pool) / batch) (published runs)
     # Steps trained on the supervised loss alone before the unsupervised loss counts (the released
     # U2PL-based S4MC code's sup_only_epoch; docs/hosts.md). 0 = none, as the S4MC paper describes.
     sup_only_steps: int = 0
-    # sgd: the published set-up (method.md §7). adamw: ours for the from-scratch embedded CPU runs,
+    # sgd: the published set-up (docs/method.md §7). adamw: ours for the from-scratch embedded CPU runs,
     # where SGD sat on the all-background plateau for 1000+ steps (measured, README "Embedded").
     optimizer: str = "sgd"
     lr: float = 0.01
-    head_lr_mult: float = 10.0  # method.md §7 (VOC, COCO)
-    momentum: float = 0.9  # method.md §7
-    weight_decay: float = 1e-4  # method.md §7
-    poly_power: float = 0.9  # method.md §7
+    head_lr_mult: float = 10.0  # docs/method.md §7 (VOC, COCO)
+    momentum: float = 0.9  # docs/method.md §7
+    weight_decay: float = 1e-4  # docs/method.md §7
+    poly_power: float = 0.9  # docs/method.md §7
     eval_every: int = 100
     log_every: int = 10
     keep_checkpoints: int = 1  # recent checkpoints kept besides best.pt
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     bf16: bool = True  # autocast to bfloat16 on CUDA only
+    # Optimizer kernels (docs/performance.md): auto = fused on CUDA, foreach elsewhere (foreach SGD is
+    # bit-identical to the per-parameter loop on CPU, measured); for_loop | foreach | fused force one.
+    optimizer_impl: str = "auto"
+    channels_last: bool = True  # NHWC model and activations on CUDA only (docs/performance.md)
+    compile: bool = False  # opt-in torch.compile of the networks; its cost is logged as first_step_s
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     progress: bool = True  # tqdm progress bar
 
@@ -134,7 +143,7 @@ class TrainConfig:
 class EvalConfig:
     mode: str = "full"  # full | center_crop | sliding
     crop_size: int = 0  # window / crop for center_crop and sliding; 0 = data.crop_size
-    stride_ratio: float = 0.6667  # sliding-window stride = 2/3 window (method.md §7, Cityscapes)
+    stride_ratio: float = SLIDING_STRIDE_RATIO  # sliding-window stride = 2/3 window (s4mc/vocab.py)
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
     boundary_iou: bool = False  # also log eval/boundary_mIoU (paper Table 9)
@@ -170,17 +179,18 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "data.name": ("embedded", "pascal", "cityscapes", "coco"),
     "data.split_family": ("unimatch", "u2pl"),
     "host.name": ("supervised", "cutmix_seg", "fixmatch", "unimatch"),
-    "host.threshold_confidence": ("max", "entropy", "margin"),
+    "host.threshold_confidence": vocab.CONFIDENCE_KINDS,
     "host.cutmix_partner": ("derangement", "shuffle"),
-    "s4mc.confidence": ("max", "entropy", "margin"),
-    "s4mc.neighbourhood": ("4", "3x3", "5x5", "7x7"),
-    "s4mc.beta": ("one", "decay"),
-    "s4mc.joint": ("independent", "expected"),
-    "s4mc.selection": ("max", "min", "random"),
-    "s4mc.cooccurrence_void": ("different", "exclude"),
+    "s4mc.confidence": vocab.CONFIDENCE_KINDS,
+    "s4mc.neighbourhood": vocab.NEIGHBOURHOODS,
+    "s4mc.beta": vocab.BETAS,
+    "s4mc.joint": vocab.JOINTS,
+    "s4mc.selection": vocab.SELECTIONS,
+    "s4mc.cooccurrence_void": vocab.VOID_RULES,
     "train.device": ("auto", "cpu", "cuda"),
     "train.optimizer": ("sgd", "adamw"),
-    "eval.mode": ("full", "center_crop", "sliding"),
+    "train.optimizer_impl": ("auto", "for_loop", "foreach", "fused"),
+    "eval.mode": vocab.EVAL_MODES,
     "eval.model": ("auto", "teacher", "student"),
 }
 
@@ -206,7 +216,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "host.w_s2": (0.0, 1e6, True, True),
     "host.w_fp": (0.0, 1e6, True, True),
     "host.loss_scale": (0.0, 1e6, False, True),
-    "s4mc.k": (1, 48, True, True),
+    "s4mc.k": (1, vocab.MAX_K, True, True),
     "s4mc.alpha0": (0.0, 1.0, True, True),
     "train.steps": (1, 10**9, True, True),
     "train.epochs": (1, 10**6, True, True),
@@ -225,8 +235,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "eval.batch_size": (1, 4096, True, True),
 }
 
-# Neighbour counts per neighbourhood: k cannot exceed them (method.md §3).
-NEIGHBOUR_COUNT = {"4": 4, "3x3": 8, "5x5": 24, "7x7": 48}
+NEIGHBOUR_COUNT = vocab.NEIGHBOUR_COUNT  # k cannot exceed them (docs/method.md §3)
 
 
 def _get(cfg: DictConfig, dotted: str) -> Any:
@@ -237,8 +246,7 @@ def _fmt_range(lo: float, hi: float, lo_inc: bool, hi_inc: bool) -> str:
     return f"{'[' if lo_inc else '('}{lo:g}, {hi:g}{']' if hi_inc else ')'}"
 
 
-def validate(cfg: DictConfig) -> None:
-    """Checks choices, ranges and cross-key rules; raises ConfigError naming the key."""
+def _check_choices_and_ranges(cfg: DictConfig) -> None:
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
@@ -252,44 +260,56 @@ def validate(cfg: DictConfig) -> None:
         if not ok or (isinstance(value, float) and math.isnan(value)):
             raise ConfigError(f"{key}={value!r} is out of range; expected a value in "
                               f"{_fmt_range(lo, hi, lo_inc, hi_inc)}")
-    if cfg.data.scale_min > cfg.data.scale_max:
-        raise ConfigError(f"data.scale_min={cfg.data.scale_min} exceeds data.scale_max={cfg.data.scale_max}")
+
+
+def _cross_key_rules(cfg: DictConfig) -> list[tuple[bool, str]]:
+    """(broken, message) for every rule that ties keys together; choices and ranges already hold."""
     n = NEIGHBOUR_COUNT[cfg.s4mc.neighbourhood]
-    if cfg.s4mc.k > n:
-        raise ConfigError(f"s4mc.k={cfg.s4mc.k} exceeds the {n} neighbours of "
-                          f"s4mc.neighbourhood={cfg.s4mc.neighbourhood!r}; expected 1..{n}")
-    if cfg.host.threshold_confidence in ("max", "margin") and not 0.0 <= cfg.host.threshold <= 1.0:
-        raise ConfigError(f"host.threshold={cfg.host.threshold} is out of range for "
-                          f"host.threshold_confidence={cfg.host.threshold_confidence!r}; expected [0, 1]")
-    if cfg.host.threshold_confidence == "entropy" and cfg.host.threshold > 0.0:
-        raise ConfigError(f"host.threshold={cfg.host.threshold} is out of range for entropy confidence "
-                          "(kappa = -H <= 0); expected a value <= 0")
-    if len(cfg.model.aspp_rates) != 3 or any(r < 1 for r in cfg.model.aspp_rates):
-        raise ConfigError(f"model.aspp_rates={list(cfg.model.aspp_rates)} is invalid; "
-                          "expected three positive dilation rates, e.g. [6, 12, 18]")
-    if not cfg.eval.scales or any(s <= 0 for s in cfg.eval.scales):
-        raise ConfigError(f"eval.scales={list(cfg.eval.scales)} is invalid; expected positive scales")
-    if cfg.train.eval_every % cfg.train.log_every:
+    h, t = cfg.host, cfg.train
+    return [
+        (cfg.data.scale_min > cfg.data.scale_max,
+         f"data.scale_min={cfg.data.scale_min} exceeds data.scale_max={cfg.data.scale_max}"),
+        (cfg.s4mc.k > n, f"s4mc.k={cfg.s4mc.k} exceeds the {n} neighbours of "
+                         f"s4mc.neighbourhood={cfg.s4mc.neighbourhood!r}; expected 1..{n}"),
+        (h.threshold_confidence in ("max", "margin") and not 0.0 <= h.threshold <= 1.0,
+         f"host.threshold={h.threshold} is out of range for host.threshold_confidence="
+         f"{h.threshold_confidence!r}; expected [0, 1]"),
+        (h.threshold_confidence == "entropy" and h.threshold > 0.0,
+         f"host.threshold={h.threshold} is out of range for entropy confidence (kappa = -H <= 0); "
+         "expected a value <= 0"),
+        (len(cfg.model.aspp_rates) != 3 or any(r < 1 for r in cfg.model.aspp_rates),
+         f"model.aspp_rates={list(cfg.model.aspp_rates)} is invalid; expected three positive dilation rates, "
+         "e.g. [6, 12, 18]"),
+        (not cfg.eval.scales or any(s <= 0 for s in cfg.eval.scales),
+         f"eval.scales={list(cfg.eval.scales)} is invalid; expected positive scales"),
         # Checkpoints are written at evaluations; aligned log points keep resumed logs identical.
-        raise ConfigError(f"train.eval_every={cfg.train.eval_every} is not a multiple of "
-                          f"train.log_every={cfg.train.log_every}")
-    if cfg.train.epochs is None and cfg.train.sup_only_steps >= cfg.train.steps:
+        (t.eval_every % t.log_every != 0,
+         f"train.eval_every={t.eval_every} is not a multiple of train.log_every={t.log_every}"),
         # With epochs the step count is known only once the data is built (s4mc/train/build.py).
-        raise ConfigError(f"train.sup_only_steps={cfg.train.sup_only_steps} leaves no semi-supervised "
-                          f"step of train.steps={cfg.train.steps}; expected a value < train.steps")
+        (t.epochs is None and t.sup_only_steps >= t.steps,
+         f"train.sup_only_steps={t.sup_only_steps} leaves no semi-supervised step of train.steps={t.steps}; "
+         "expected a value < train.steps"),
+        # s4mc/pretrain.py: the digit encoder exists for the embedded benchmark only.
+        (cfg.model.pretrained == "embedded" and cfg.data.name != "embedded",
+         f"model.pretrained='embedded' is the embedded benchmark's digit encoder; data.name={cfg.data.name!r} "
+         "needs a weights file path (ImageNet weights)"),
+        (cfg.data.name != "embedded" and not cfg.data.root,
+         f"data.root is required for data.name={cfg.data.name!r}; expected a local path or an s3:// URI"),
+    ]
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks choices, ranges and cross-key rules; raises ConfigError naming the key."""
+    _check_choices_and_ranges(cfg)
+    for broken, message in _cross_key_rules(cfg):
+        if broken:
+            raise ConfigError(message)
     if cfg.eval.model == "teacher":
         from s4mc.frameworks.hosts import HOSTS  # lazy: the schema itself needs no torch
 
         if not HOSTS[cfg.host.name].uses_ema_teacher:
             raise ConfigError(f"eval.model='teacher' but host.name={cfg.host.name!r} has no EMA teacher; "
                               "expected eval.model=auto or student")
-    if cfg.model.pretrained == "embedded" and cfg.data.name != "embedded":
-        # s4mc/pretrain.py: the digit encoder exists for the embedded benchmark only.
-        raise ConfigError(f"model.pretrained='embedded' is the embedded benchmark's digit encoder; "
-                          f"data.name={cfg.data.name!r} needs a weights file path (ImageNet weights)")
-    if cfg.data.name != "embedded" and not cfg.data.root:
-        raise ConfigError(f"data.root is required for data.name={cfg.data.name!r}; "
-                          "expected a local path or an s3:// URI")
 
 
 def schema() -> DictConfig:
@@ -336,14 +356,35 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
     return OmegaConf.merge(read_yaml(parent_path, _seen + (parent_path,)), loaded)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                base: DictConfig | dict | None = None) -> DictConfig:
-    """Schema defaults <- `base` <- YAML file <- overrides, validated and resolved."""
+def as_layer(mapping: Mapping[str, Any] | DictConfig | None) -> DictConfig:
+    """A mapping of training-config keys, nested or dotted (``{"train": {"steps": 6}}`` or
+    ``{"train.steps": 6}``: the one override form of manifests), as one nested config layer."""
+    out = OmegaConf.create({})
+    items = mapping.items() if mapping is not None else ()
+    for key, value in items:
+        OmegaConf.update(out, str(key), value, merge=True, force_add=True)
+    return out
+
+
+def config_layers(path: str | Path | None = None, layers: Sequence[Mapping[str, Any] | DictConfig] = (),
+                  base: DictConfig | dict | None = None) -> DictConfig:
+    """Schema defaults <- `base` <- YAML file <- mapping layers, merged but not yet validated: a recipe
+    (experiments/recipes) may lack what only the whole (e.g. a data root) provides."""
     cfg = schema()
     if base is not None:
         cfg = _merge(cfg, base, "base config")
     if path is not None:
         cfg = _merge(cfg, read_yaml(path), f"config file {path}")
+    for layer in layers:
+        cfg = _merge(cfg, as_layer(layer), "override mapping")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: DictConfig | dict | None = None,
+                layers: Sequence[Mapping[str, Any] | DictConfig] = ()) -> DictConfig:
+    """Schema defaults <- `base` <- YAML file <- mapping layers <- key=value overrides, validated, resolved."""
+    cfg = config_layers(path, layers, base)
     if overrides:
         cfg = _merge(cfg, parse_overrides(list(overrides)), "command-line override")
     try:

@@ -1,12 +1,12 @@
 """Evaluation protocols: full image, centre crop (U2PL), sliding window, multi-scale and flip.
 
 ``predict`` turns normalised images into softmax probabilities with one of the published protocols
-(method.md §7): VOC is evaluated on the full image, Cityscapes with a sliding window (window = the
+(docs/method.md §7): VOC is evaluated on the full image, Cityscapes with a sliding window (window = the
 training crop, stride = ceil(2/3 window), overlapping softmax probabilities averaged), and U2PL's
 training-time validation on the centre ``crop x crop`` region only. Multi-scale / flip inference
 averages softmax probabilities over every scale and flip. ``evaluate`` runs a protocol over an
 iterable of eval batches, accumulates one ``s4mc.metrics.ConfusionMatrix`` over all of them and
-counts the images it saw, so no image is dropped or counted twice (method.md §9).
+counts the images it saw, so no image is dropped or counted twice (docs/method.md §9).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .metrics import BoundaryIoU, ConfusionMatrix
+from .vocab import EVAL_MODES, IGNORE_INDEX, SLIDING_STRIDE_RATIO
 
-MODES = ("full", "center_crop", "sliding")
-DEFAULT_STRIDE_RATIO = 2 / 3  # method.md §7: sliding-window stride = 2/3 of the window (Cityscapes)
-IGNORE_INDEX = 255  # docs/architecture.md
+MODES = EVAL_MODES
+DEFAULT_STRIDE_RATIO = SLIDING_STRIDE_RATIO
 
 
 def _pair(size: int | Sequence[int] | None, what: str) -> tuple[int, int]:
@@ -80,7 +80,7 @@ def _sliding(model: nn.Module, x: Tensor, window: tuple[int, int], stride_ratio:
              num_classes: int | None) -> Tensor:
     _, _, H, W = x.shape
     wh, ww = window
-    sh, sw = math.ceil(wh * stride_ratio), math.ceil(ww * stride_ratio)  # method.md §7: ceil(2/3 crop)
+    sh, sw = math.ceil(wh * stride_ratio), math.ceil(ww * stride_ratio)  # docs/method.md §7: ceil(2/3 crop)
     # Pad a side shorter than the window with 0, which is the mean colour after normalisation.
     ph, pw = max(wh - H, 0), max(ww - W, 0)
     if ph or pw:
@@ -119,6 +119,31 @@ def predict(model: nn.Module, image: Tensor, *, mode: str = "full",
     mirrored; all probability maps are averaged. ``num_classes``, when given, checks the model output.
     The caller sets eval mode / no_grad (``evaluate`` does).
     """
+    _check_predict_args(mode, image, scales, stride_ratio)
+    crop = _pair(crop_size, mode) if mode != "full" else None
+    x, box = (_center_crop_padded(image, crop) if mode == "center_crop" else (image, None))
+    H, W = x.shape[-2:]
+    total = None
+    for scale in scales:
+        size = (max(1, round(H * scale)), max(1, round(W * scale)))
+        xs = x if size == (H, W) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        for mirrored in (False, True) if flip else (False,):
+            xi = xs.flip(-1) if mirrored else xs
+            p = _sliding(model, xi, crop, stride_ratio, num_classes) if mode == "sliding" \
+                else _probs(model, xi, num_classes)
+            p = p.flip(-1) if mirrored else p
+            if p.shape[-2:] != (H, W):
+                p = F.interpolate(p, size=(H, W), mode="bilinear", align_corners=False)
+            total = p if total is None else total + p
+    assert total is not None
+    probs = total / (len(scales) * (2 if flip else 1))
+    if box is not None:  # cut the padding off again
+        top, left, h, w = box
+        probs = probs[..., top:top + h, left:left + w]
+    return probs
+
+
+def _check_predict_args(mode: str, image: Tensor, scales: Sequence[float], stride_ratio: float) -> None:
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: allowed {', '.join(MODES)}")
     if image.dim() != 4 or image.shape[1] != 3 or not image.is_floating_point():
@@ -128,37 +153,16 @@ def predict(model: nn.Module, image: Tensor, *, mode: str = "full",
         raise ValueError(f"scales={tuple(scales)!r}: need at least one positive scale")
     if not 0 < stride_ratio <= 1:
         raise ValueError(f"stride_ratio={stride_ratio!r}: allowed (0, 1]")
-    crop = _pair(crop_size, mode) if mode != "full" else None
-    x = image
-    if mode == "center_crop":
-        assert crop is not None
-        top, left, h, w = center_crop_box(image.shape[-2], image.shape[-1], crop)
-        x = image[..., top:top + h, left:left + w]
-        pad_h, pad_w = crop[0] - h, crop[1] - w
-        pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)  # U2PL Crop border
-        x = F.pad(x, pads)
-    H, W = x.shape[-2:]
-    total = None
-    for scale in scales:
-        size = (max(1, round(H * scale)), max(1, round(W * scale)))
-        xs = x if size == (H, W) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        for mirrored in (False, True) if flip else (False,):
-            xi = xs.flip(-1) if mirrored else xs
-            if mode == "sliding":
-                assert crop is not None
-                p = _sliding(model, xi, crop, stride_ratio, num_classes)
-            else:
-                p = _probs(model, xi, num_classes)
-            if mirrored:
-                p = p.flip(-1)
-            if p.shape[-2:] != (H, W):
-                p = F.interpolate(p, size=(H, W), mode="bilinear", align_corners=False)
-            total = p if total is None else total + p
-    assert total is not None
-    probs = total / (len(scales) * (2 if flip else 1))
-    if mode == "center_crop":
-        probs = probs[..., pads[2]:pads[2] + h, pads[0]:pads[0] + w]
-    return probs
+
+
+def _center_crop_padded(image: Tensor, crop: tuple[int, int]) -> tuple[Tensor, tuple[int, int, int, int]]:
+    """The centre crop, padded symmetrically with 0 to the crop size (U2PL's Crop border), and the box
+    (top, left, h, w) of the real pixels inside the padded crop."""
+    top, left, h, w = center_crop_box(image.shape[-2], image.shape[-1], crop)
+    x = image[..., top:top + h, left:left + w]
+    pad_h, pad_w = crop[0] - h, crop[1] - w
+    pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+    return F.pad(x, pads), (pads[2], pads[0], h, w)
 
 
 def _unpack(batch) -> tuple[Tensor, Tensor]:

@@ -1,8 +1,8 @@
-"""Segmentation metrics: confusion matrix, mIoU / per-class IoU / pixel accuracy, Boundary IoU (method.md §6).
+"""Segmentation metrics: confusion matrix, mIoU / per-class IoU / pixel accuracy, Boundary IoU (docs/method.md §6).
 
 The confusion matrix is accumulated over the whole validation set (never averaged per batch), with
 the ignore index excluded, and can be merged or saved so that distributed or resumed evaluation
-counts every image exactly once (method.md §9, "validation that drops images"). mIoU averages the
+counts every image exactly once (docs/method.md §9, "validation that drops images"). mIoU averages the
 per-class IoU over the classes *present*, defined as the classes whose union (ground truth or
 prediction) is non-empty; a class absent from both gives no 0/0 and is left out. Boundary IoU
 follows Cheng et al. 2021: a mask's boundary is the mask minus its erosion by d pixels (image

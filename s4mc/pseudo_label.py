@@ -1,13 +1,13 @@
-"""Teacher probabilities -> pseudo-labels, keep mask and the ``pl/*`` statistics (method.md §3, §4, §6).
+"""Teacher probabilities -> pseudo-labels, keep mask and the ``pl/*`` statistics (docs/method.md §3, §4, §6).
 
 The pseudo-label is always the argmax of the *unrefined* teacher probabilities; S4MC only decides
 which pixels are kept. The threshold gamma is either DPA's quantile of the unrefined confidence
-(method.md §4) or a fixed value (the host framework's own, e.g. FixMatch's 0.95 on max). A pixel is
+(docs/method.md §4) or a fixed value (the host framework's own, e.g. FixMatch's 0.95 on max). A pixel is
 kept when its confidence -- of the refined scores if refinement is on, of the raw scores otherwise
 -- exceeds gamma. Refinement and DPA are independent switches, and with both off the labeler is
-exactly the host's fixed-threshold baseline (method.md §9). Both variants (with and without
+exactly the host's fixed-threshold baseline (docs/method.md §9). Both variants (with and without
 refinement) are evaluated from the same probabilities and the same gamma on every call, so one run
-yields the paper's Figure 4 curves (method.md §6). Everything stays on the device: the statistics
+yields the paper's Figure 4 curves (docs/method.md §6). Everything stays on the device: the statistics
 are 0-dim tensors and nothing here synchronises with the host.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .confidence import CONFIDENCE_KINDS, confidence
+from .confidence import CONFIDENCE_KINDS, confidence, label_and_confidence
 from .refine import check_refine_options, refine
 from .threshold import DEFAULT_ALPHA0, alpha_schedule, dpa_threshold
 from .threshold import fixed_threshold as fixed_threshold_tensor
@@ -44,8 +44,8 @@ class PseudoLabeler:
     refine_enabled / dpa_enabled: the two switches of paper Table 8.
     confidence_kind: kappa used with DPA, for the quantile and for the keep test (default margin).
     fixed_threshold / fixed_confidence_kind: gamma and kappa used whenever DPA is off.
-    alpha0: DPA's initial quantile (method.md §4). neighbourhood, k, beta, joint, selection,
-    cooccurrence, clamp_joint: passed to ``refine`` (method.md §3). ignore_index: ground-truth value
+    alpha0: DPA's initial quantile (docs/method.md §4). neighbourhood, k, beta, joint, selection,
+    cooccurrence, clamp_joint: passed to ``refine`` (docs/method.md §3). ignore_index: ground-truth value
     excluded from the quality statistic.
     """
 
@@ -117,10 +117,11 @@ class PseudoLabeler:
         # Pseudo-labels are targets: no gradient may flow back into the teacher's output.
         with torch.no_grad():
             kind = self.active_kind
-            label = probs.argmax(dim=1)
-            kappa_raw = confidence(probs, kind)
+            # One scan over the classes gives both the label and the raw confidence (CPU: argmax
+            # and topk across dim 1 are slow there, s4mc/confidence.py).
+            label, kappa_raw = label_and_confidence(probs, kind)
             if self.dpa_enabled:
-                gamma = dpa_threshold(kappa_raw, valid, alpha_t)  # unrefined scores (method.md §4, §9)
+                gamma = dpa_threshold(kappa_raw, valid, alpha_t)  # unrefined scores (docs/method.md §4, §9)
                 alpha_stat = torch.full((), alpha_t, dtype=torch.float32, device=probs.device)
             else:
                 gamma = fixed_threshold_tensor(self.fixed_threshold, probs.device, kappa_raw.dtype)
@@ -132,29 +133,33 @@ class PseudoLabeler:
             p = probs if probs.dtype == torch.float64 else probs.float()
             refined = refine(p, valid=valid, generator=generator, **self.refine_options)
             kappa_ref = confidence(refined, kind)
-            keep_ref = (kappa_ref > gamma) & valid
-            keep_raw = (kappa_raw > gamma) & valid
+            del refined
+            keep_ref = (kappa_ref > gamma).logical_and_(valid)
+            keep_raw = (kappa_raw > gamma).logical_and_(valid)
             keep = keep_ref if self.refine_enabled else keep_raw
+            # The with / without refinement statistics share every term that does not depend on keep.
+            n_valid = valid.sum().float()
+            quality = self._quality_terms(label, gt)
             stats = {
-                "pl/quantity": _quantity(keep_ref, valid),
-                "pl/quality": self._quality(label, keep_ref, gt),
-                "pl/quantity_no_refine": _quantity(keep_raw, valid),
-                "pl/quality_no_refine": self._quality(label, keep_raw, gt),
+                "pl/quantity": keep_ref.sum().float() / n_valid,
+                "pl/quality": quality(keep_ref),
+                "pl/quantity_no_refine": keep_raw.sum().float() / n_valid,
+                "pl/quality_no_refine": quality(keep_raw),
                 "pl/threshold": gamma.float(),
                 "pl/alpha": alpha_stat,
             }
         return PseudoLabels(label=label, keep=keep, stats=stats)
 
-    def _quality(self, label: Tensor, keep: Tensor, gt: Tensor | None) -> Tensor:
-        """Accuracy of the kept labels against gt on kept, non-ignored pixels; NaN if none / no gt."""
+    def _quality_terms(self, label: Tensor, gt: Tensor | None):
+        """keep -> accuracy of the kept labels against gt on kept, non-ignored pixels (docs/method.md §6);
+        NaN if none is measured or there is no gt. The gt masks are built once for both variants."""
         if gt is None:
-            return torch.full((), math.nan, dtype=torch.float32, device=label.device)
-        measured = keep & (gt != self.ignore_index)
-        correct = measured & (label == gt)
-        # 0 / 0 = NaN in floating point: "nothing to measure" without a host-side branch.
-        return correct.sum().float() / measured.sum().float()
+            nan = torch.full((), math.nan, dtype=torch.float32, device=label.device)
+            return lambda keep: nan
+        measurable = gt != self.ignore_index
+        correct = measurable & (label == gt)
 
-
-def _quantity(keep: Tensor, valid: Tensor) -> Tensor:
-    """Kept fraction of the valid pixels (method.md §6); NaN when no pixel is valid."""
-    return keep.sum().float() / valid.sum().float()
+        def quality(keep: Tensor) -> Tensor:
+            # 0 / 0 = NaN in floating point: "nothing to measure" without a host-side branch.
+            return (correct & keep).sum().float() / (measurable & keep).sum().float()
+        return quality

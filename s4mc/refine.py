@@ -1,16 +1,18 @@
-"""Confidence refinement with marginal contextual information, the core of S4MC (method.md §3).
+"""Confidence refinement with marginal contextual information, the core of S4MC (docs/method.md §3).
 
 For every pixel u and every class c **separately**, the score p_c(u) is raised towards the
 probability that u *or* one of its neighbours v has class c: with the neighbours of u ranked per
 class by the chosen rule, the update p~ <- p~ + beta_v * (p_c(v) - J(p~, p_c(v))) is applied for the
 top k of them, starting from p~ = p. With the defaults (3x3 window, k = 1, beta = 1, independent
 joint, max selection) this is the paper's p~_c(u) = max_v [p_c(u) + p_c(v) - p_c(u) p_c(v)].
-The implementation streams over the neighbour offsets and keeps only a running top-k per class
-(k slots of key, neighbour score and weight), so memory is O(k * B*C*H*W) and never the
-O(N * B*C*H*W) of stacking all N shifted copies (N = 48 for 7x7). Neighbours outside the image or
-where ``valid`` is False do not exist: they are never selected and never count as probability 0.
+The general implementation streams over the neighbour offsets and keeps only a running top-k per
+class (k slots of key, neighbour score and weight), so memory is O(k * B*C*H*W) and never the
+O(N * B*C*H*W) of stacking all N shifted copies (N = 48 for 7x7). The paper default takes a fast
+path with the same bits: one separable neighbour maximum (docs/performance.md). Neighbours outside
+the image or where ``valid`` is False do not exist: they are never selected and never count as
+probability 0.
 ``estimate_cooccurrence`` measures E_c, the probability that a neighbour of a class-c pixel is also
-class c, from labelled masks; it feeds the "expected" joint of any data set (method.md §3).
+class c, from labelled masks; it feeds the "expected" joint of any data set (docs/method.md §3).
 """
 
 from __future__ import annotations
@@ -22,13 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# method.md §3; the first entry of each tuple is the paper default (paper Table 7).
-NEIGHBOURHOODS = ("3x3", "4", "5x5", "7x7")
-BETAS = ("one", "decay")
-JOINTS = ("independent", "expected")
-SELECTIONS = ("max", "min", "random")
-# How estimate_cooccurrence treats a void (ignore) neighbour; the first is the default (docs/hosts.md).
-VOID_RULES = ("different", "exclude")
+# docs/method.md §3: the options and their paper defaults (the first entry of each tuple) live in s4mc/vocab.py.
+from .vocab import BETAS, JOINTS, NEIGHBOURHOODS, SELECTIONS, VOID_RULES  # noqa: F401 (public names)
 
 _RADIUS = {"3x3": 1, "5x5": 2, "7x7": 3}
 
@@ -44,7 +41,7 @@ def neighbour_offsets(neighbourhood: str) -> list[tuple[int, int]]:
 
 
 def neighbour_weight(dy: int, dx: int, beta: str) -> float:
-    """beta_v of method.md §3: 1, or exp(-d^2 / 2) with d the Euclidean pixel distance."""
+    """beta_v of docs/method.md §3: 1, or exp(-d^2 / 2) with d the Euclidean pixel distance."""
     if beta == "one":
         return 1.0
     if beta == "decay":
@@ -94,7 +91,7 @@ def refine(
     clamp_joint: bool = True,
     _force_general: bool = False,
 ) -> Tensor:
-    """Refined class scores p~ (same shape and dtype as ``probs``, ``B x C x H x W``); method.md §3.
+    """Refined class scores p~ (same shape and dtype as ``probs``, ``B x C x H x W``); docs/method.md §3.
 
     selection "max" / "min" rank the neighbours of each pixel per class by descending / ascending
     neighbour score; "random" ranks them in a uniformly random order drawn from ``generator``
@@ -121,15 +118,35 @@ def refine(
         E = E.view(1, C, 1, 1)
 
     p = probs.to(dtype)
-    offsets = neighbour_offsets(neighbourhood)
+    # The fast path writes into buffers (out=, in place), which autograd cannot follow: a caller that
+    # differentiates through refine gets the general path, with the same values.
+    needs_grad = torch.is_grad_enabled() and probs.requires_grad
+    if k == 1 and selection == "max" and joint == "independent" and beta == "one" and not (
+            _force_general or needs_grad):
+        return _refine_max_neighbour(p, valid, neighbourhood).to(probs.dtype)
+    slot_q, slot_b = _top_k_neighbours(p, valid, neighbour_offsets(neighbourhood), k, beta, selection, generator)
+    out = p
+    for q, b in zip(slot_q, slot_b, strict=True):
+        joint_prob = out * q
+        if E is not None:
+            joint_prob = torch.maximum(joint_prob, out * E)
+            if clamp_joint:
+                joint_prob = torch.minimum(joint_prob, q)
+        out = out + b * (q - joint_prob)
+    return out.to(probs.dtype)
+
+
+def _top_k_neighbours(p: Tensor, valid: Tensor | None, offsets: list[tuple[int, int]], k: int, beta: str,
+                      selection: str, generator: torch.Generator | None) -> tuple[list[Tensor], list[Tensor]]:
+    """The k selected neighbours' scores q and weights beta per pixel and class, in selection order."""
+    B, C, H, W = p.shape
+    device, dtype = p.device, p.dtype
     r = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
     # One padded copy of p: every shifted neighbour map below is then a view, not a copy. The pad
     # value never matters because exists() is False there.
     p_pad = torch.nn.functional.pad(p, (r, r, r, r))
     exists_pad = torch.zeros((B, 1, H + 2 * r, W + 2 * r), dtype=torch.bool, device=device)
     exists_pad[:, 0, r:r + H, r:r + W] = True if valid is None else valid
-    if k == 1 and selection == "max" and joint == "independent" and beta == "one" and not _force_general:
-        return _refine_max_neighbour(p, p_pad, exists_pad, offsets, r).to(probs.dtype)
 
     # Running top-k, sorted by descending key: slot i holds the (i+1)-th selected neighbour's key,
     # score q and weight beta (0 = "no neighbour", so the update below is a no-op for it).
@@ -165,37 +182,60 @@ def refine(
                 q = torch.where(swap, slot_q[i], q)
                 b = torch.where(swap, slot_b[i], b)
             slot_key[i], slot_q[i], slot_b[i] = new_key, new_q, new_b
-    del slot_key, p_pad, exists_pad
-
-    out = p
-    for q, b in zip(slot_q, slot_b, strict=True):
-        joint_prob = out * q
-        if E is not None:
-            joint_prob = torch.maximum(joint_prob, out * E)
-            if clamp_joint:
-                joint_prob = torch.minimum(joint_prob, q)
-        out = out + b * (q - joint_prob)
-    return out.to(probs.dtype)
+    return slot_q, slot_b
 
 
-def _refine_max_neighbour(p: Tensor, p_pad: Tensor, exists_pad: Tensor, offsets: list[tuple[int, int]],
-                          r: int) -> Tensor:
-    """The paper default (k = 1, max selection, beta = 1, independent joint) in two ops per offset.
+def _refine_max_neighbour(p: Tensor, valid: Tensor | None, neighbourhood: str) -> Tensor:
+    """The paper default (k = 1, max selection, beta = 1, independent joint) from one pooled maximum.
 
     U_c(u, v) = p + q - p q grows with q, so the best neighbour per class is the one with the largest
     q: p~ = p + (m - p m) with m the per-class maximum over existing neighbours, 0 where none exists
     (then p~ = p). The arithmetic is the general path's own, p + 1 * (q - p q) with the same q, so
-    both paths give the same bits (tests/test_refine.py); this one skips the running top-k.
+    both paths give the same bits for finite inputs (tests/test_refine.py); this one skips the
+    running top-k and costs about ten elementwise passes over p whatever the window (docs/performance.md).
     """
-    _, _, H, W = p.shape
-    neg_inf = torch.full((), -math.inf, dtype=p.dtype, device=p.device)
-    m = None
-    for dy, dx in offsets:
-        q = torch.where(exists_pad[:, :, r + dy:r + dy + H, r + dx:r + dx + W],
-                        p_pad[:, :, r + dy:r + dy + H, r + dx:r + dx + W], neg_inf)
-        m = q if m is None else torch.maximum(m, q)
-    m = torch.where(m == neg_inf, torch.zeros((), dtype=p.dtype, device=p.device), m)
-    return p + (m - p * m)
+    m, scratch = _neighbour_max(p, valid, neighbourhood)
+    # -inf marks "no existing neighbour"; nan and +inf are kept as they are (only -inf becomes 0).
+    m.nan_to_num_(nan=math.nan, posinf=math.inf, neginf=0.0)
+    pm = torch.mul(p, m, out=scratch)  # reuses a dead buffer: each fresh one costs page faults
+    return m.sub_(pm).add_(p)  # (m - p m) + p: the same rounding as p + (m - p m)
+
+
+def _neighbour_max(p: Tensor, valid: Tensor | None, neighbourhood: str) -> tuple[Tensor, Tensor]:
+    """Per-class maximum of p over the existing neighbours of each pixel (centre excluded), -inf where
+    none exists, as a new tensor, with a dead p-shaped scratch view for the caller. Separable: a row
+    maximum over the window's columns without the centre (hx) and with it (hc), then m = max(hc of the
+    rows above and below, hx of the own row): 4r maxima for a (2r+1)^2 window instead of a masked
+    select and a maximum per offset (2 ((2r+1)^2 - 1))."""
+    B, C, H, W = p.shape
+    r = 1 if neighbourhood == "4" else _RADIUS[neighbourhood]
+    neg_inf = -math.inf
+    # One padded copy with -inf outside the image and at invalid pixels: they can never be the
+    # maximum, so they "do not exist". Adding 0 / -inf is exact and far cheaper than a masked where.
+    q = p.new_empty((B, C, H + 2 * r, W + 2 * r))
+    for border in (q[:, :, :r], q[:, :, H + r:], q[:, :, r:H + r, :r], q[:, :, r:H + r, W + r:]):
+        border.fill_(neg_inf)
+    inner = q[:, :, r:H + r, r:W + r]
+    if valid is None:
+        inner.copy_(p)
+    else:
+        bias = torch.zeros((B, 1, H, W), dtype=p.dtype, device=p.device).masked_fill_(~valid[:, None], neg_inf)
+        torch.add(p, bias, out=inner)
+    if neighbourhood == "4":
+        m = torch.maximum(q[:, :, 0:H, r:W + r], q[:, :, 2:H + 2, r:W + r])
+        m = torch.maximum(m, q[:, :, r:H + r, 0:W], out=m)
+        return torch.maximum(m, q[:, :, r:H + r, 2:W + 2], out=m), inner
+    hx = torch.maximum(q[:, :, :, 0:W], q[:, :, :, 2 * r:2 * r + W])
+    for dx in range(1, r):
+        hx = torch.maximum(hx, q[:, :, :, r - dx:r - dx + W], out=hx)
+        hx = torch.maximum(hx, q[:, :, :, r + dx:r + dx + W], out=hx)
+    # The full row maximum overwrites q's centre columns: q is not read again after this.
+    hc = torch.maximum(hx, q[:, :, :, r:r + W], out=q[:, :, :, r:r + W])
+    m = torch.maximum(hx[:, :, r:r + H], hc[:, :, 0:H])
+    for dy in range(1, 2 * r + 1):
+        if dy != r:
+            m = torch.maximum(m, hc[:, :, dy:dy + H], out=m)
+    return m, hx[:, :, :H]
 
 
 def _as_label_tensor(mask) -> Tensor:

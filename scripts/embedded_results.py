@@ -3,9 +3,10 @@
 Reads every ``*/summary.json`` under the given folders together with the run's ``config.yaml``,
 ``eval.csv`` and ``train.csv`` (nothing else), so every figure in the README is what the runs wrote.
 A method is (host, S4MC on/off) at one labeled split; seeds are the repetitions. Differences are
-*paired by seed* (same seed = same initialisation, batches and augmentation draws): mean difference,
-95% Student-t interval over the seeds (n - 1 degrees of freedom) and whether it excludes 0; one
-seed says "n = 1, no interval".
+*paired by seed* (same seed = same initialisation, batches and augmentation draws), one split at a time,
+with orchestration/stats.py (the statistics `make report` prints too): mean difference, 95% Student-t
+interval over the seeds (n - 1 degrees of freedom) and whether it excludes 0; one seed says "n = 1, no
+interval".
 
 Usage: python scripts/embedded_results.py OUT_PREFIX RUN_DIR [RUN_DIR ...]
 writes OUT_PREFIX.md, OUT_PREFIX.json, OUT_PREFIX.png (mIoU curves) and OUT_PREFIX_figure4.png (the
@@ -16,7 +17,6 @@ from the same teacher output and threshold, over training).
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import sys
 from collections import defaultdict
@@ -25,8 +25,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
-from scipy.stats import t as student_t
 
+from orchestration.stats import fmt_paired, legend, mean_std, paired, verdict
 from s4mc.train.callbacks import read_csv
 
 HOSTS = ("cutmix_seg", "fixmatch", "unimatch")
@@ -55,30 +55,6 @@ def load_runs(dirs: list[str]) -> list[dict]:
                          "train_s": summary["train_time_s"], "wall_s": summary["wall_time_s"],
                          "eval": read_csv(run / "eval.csv"), "train": read_csv(run / "train.csv")})
     return runs
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
-
-
-def paired(a: dict[int, float], b: dict[int, float]) -> dict:
-    """a - b over the seeds both have: mean, 95% t interval, n."""
-    seeds = sorted(set(a) & set(b))
-    diffs = [a[s] - b[s] for s in seeds]
-    out = {"n": len(diffs), "seeds": seeds, "diffs": diffs, "mean": statistics.fmean(diffs) if diffs else math.nan}
-    if len(diffs) > 1:
-        half = student_t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-        out.update(lo=out["mean"] - half, hi=out["mean"] + half, excludes_zero=abs(out["mean"]) > half)
-    return out
-
-
-def fmt_paired(p: dict) -> str:
-    if p["n"] == 0:
-        return "—"
-    if p["n"] == 1:
-        return f"{p['mean']:+.2f} (n = 1, no interval)"
-    mark = " *" if p["excludes_zero"] else ""
-    return f"{p['mean']:+.2f} [{p['lo']:+.2f}, {p['hi']:+.2f}]{mark}"
 
 
 def last_pl(run: dict) -> dict[str, float]:
@@ -136,14 +112,34 @@ def render(runs: list[dict], out: Path) -> dict:
                      f"{statistics.fmean(r['best'] for r in full.values()):.2f} | — | — | — | — | {train_s:.0f} |")
         results["methods"]["Full supervision @ all"] = {"n": len(full), "mean": m, "std": sd, "train_s": train_s,
                                                         "finals": {s: r["final"] for s, r in full.items()}}
-    lines += ["", "Final mIoU: mean ± std over seeds at the last evaluation. Paired columns: mean difference of "
-              "final mIoU over the same seeds with its 95% Student-t interval; * = the interval excludes 0."]
+    lines += ["", "Final mIoU: mean ± std over seeds at the last evaluation. The paired columns compare final "
+              "mIoU one split at a time. " + legend()]
+    lines += pooled_lines(by, splits, order, results)
     wall = [r["wall_s"] for r in runs]
     results["run_wall_s"] = {"max": max(wall), "mean": statistics.fmean(wall)} if wall else {}
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str))
     print("\n".join(lines))
     return results
+
+
+def pooled_lines(by: dict, splits: list[str], order: list[str], results: dict) -> list[str]:
+    """Each S4MC row against its host over every split at once: pairs are (split, seed)."""
+    if len(splits) < 2:
+        return []
+    out = ["", f"Pooled over splits {', '.join(splits)} (paired by split and seed; the spread between splits "
+           "counts as noise, so this interval is wider when the gain depends on the split):", "",
+           "| comparison | pairs | mean difference [95% t interval] | verdict |", "|---|---|---|---|"]
+    for name in (n for n in order if n.endswith(" + S4MC")):
+        host = name.removesuffix(" + S4MC")
+        for other in (host, "Supervised"):
+            a = {(sp, s): r["final"] for sp in splits for s, r in by.get((name, sp), {}).items()}
+            b = {(sp, s): r["final"] for sp in splits for s, r in by.get((other, sp), {}).items()}
+            p = paired(a, b)
+            if p["n"]:
+                results["paired"][f"{name} - {other} @ pooled"] = p
+                out.append(f"| {name} − {other} | {p['n']} | {fmt_paired(p)} | {verdict(p)} |")
+    return out
 
 
 def _band(ax, runs: list[dict], key: str, source: str, **kw):

@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 # =====================================================================================================
-# 1. Environment hygiene (platform-notes.md: telemetry, Ray usage stats, EC2 metadata probing)
+# 1. Environment hygiene (docs/platform.md: telemetry, Ray usage stats, EC2 metadata probing)
 # =====================================================================================================
 os.environ.update({
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -89,7 +89,7 @@ def s3_bucket(s3):
 @pytest.fixture(scope="session")
 def mlflow_db_template(tmp_path_factory):
     """An empty, fully migrated MLflow SQLite file. Migrating a fresh store takes 2-8 s (measured on
-    the 2-core machines; platform-notes.md says ~1.5 s idle), so stores start as copies of this one."""
+    the 2-core machines; docs/platform.md says ~1.5 s idle), so stores start as copies of this one."""
     from mlflow import MlflowClient
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
@@ -137,13 +137,13 @@ def sqlite_tracking_uri(tmp_path, mlflow_db_copy):
 # 3. Ray / Optuna
 # =====================================================================================================
 # Owned by the sweep machinery (tests/test_sweep.py). Ray costs 2-3 s and ~1 GB per start
-# (platform-notes.md), so one two-node loopback cluster serves every sweep test of the session.
-RAY_HEAD_IP, RAY_WORKER_IP = "127.0.0.2", "127.0.0.3"  # loopback aliases Ray leaves alone (platform-notes.md)
+# (docs/platform.md), so one two-node loopback cluster serves every sweep test of the session.
+RAY_HEAD_IP, RAY_WORKER_IP = "127.0.0.2", "127.0.0.3"  # loopback aliases Ray leaves alone (docs/platform.md)
 # Short temp dirs: Ray's socket paths must stay under 107 bytes (pytest's tmp_path is too long). The pid
 # keeps concurrent test sessions on one machine apart (cleanup kills by temp dir).
 RAY_TEMP_DIRS = {"head": f"/tmp/ray-s4mc-{os.getpid()}h", "worker": f"/tmp/ray-s4mc-{os.getpid()}w"}
 RAY_OBJECT_STORE_BYTES = 100 * 2**20  # tiny sweeps move only small checkpoints through Ray
-RAY_ENV = {"RAY_AUTH_MODE": "disabled",  # platform-notes.md: token auth breaks `ray start --address`
+RAY_ENV = {"RAY_AUTH_MODE": "disabled",  # docs/platform.md: token auth breaks `ray start --address`
            "RAY_USAGE_STATS_ENABLED": "0"}
 
 

@@ -1,4 +1,4 @@
-"""Tests of s4mc.confidence (method.md §2)."""
+"""Tests of s4mc.confidence (docs/method.md §2)."""
 
 import math
 
@@ -53,7 +53,7 @@ def test_entropy_safe_at_zero():
 
 
 def test_unnormalised_refined_scores():
-    # Refined scores do not sum to 1 (method.md §3); all kinds still work and stay finite.
+    # Refined scores do not sum to 1 (docs/method.md §3); all kinds still work and stay finite.
     p = torch.tensor([0.9, 0.8, 0.05]).view(1, 3, 1, 1)
     assert confidence(p, "max").item() == pytest.approx(0.9)
     assert confidence(p, "margin").item() == pytest.approx(0.1)

@@ -30,7 +30,7 @@ def test_extends_and_overrides_merge_in_order(tmp_path):
 
 
 @pytest.mark.parametrize("override, needle", [
-    ("s4mc.neighbourhood=6", "s4mc.neighbourhood='6' is not allowed; expected one of: 4, 3x3, 5x5, 7x7"),
+    ("s4mc.neighbourhood=6", "s4mc.neighbourhood='6' is not allowed; expected one of: 3x3, 4, 5x5, 7x7"),
     ("s4mc.alpha0=1.5", "s4mc.alpha0=1.5 is out of range; expected a value in [0, 1]"),
     ("s4mc.k=x", "s4mc.k"),
     ("s4mc.nonsense=1", "nonsense"),

@@ -1,4 +1,4 @@
-"""Host frameworks against method.md §5 and §9: forward-pass counts, one normalisation of the
+"""Host frameworks against docs/method.md §5 and §9: forward-pass counts, one normalisation of the
 unsupervised loss, pseudo-labels from the same teacher output, and no ground truth in any loss."""
 
 import pytest

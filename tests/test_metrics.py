@@ -1,4 +1,4 @@
-"""Tests of s4mc.metrics: confusion matrix, mIoU, merge / resume, Boundary IoU (method.md §6, §9)."""
+"""Tests of s4mc.metrics: confusion matrix, mIoU, merge / resume, Boundary IoU (docs/method.md §6, §9)."""
 
 import math
 

@@ -18,8 +18,8 @@ from s4mc.data.splits import DEFAULT_SPLITS_DIR
 
 TABLES = ["table1", "table2", "table3", "table4", "table5", "table6", "table7", "table8", "tableF1", "table9",
           "embedded"]
-# A literal copy of method.md §8 (the source of every published value), parsed here independently of the
-# manifests. If method.md sits beside the repository (CI), the copy is checked against it as well.
+# A literal copy of docs/method.md §8 (the source of every published value), parsed here independently of the
+# manifests. If docs/method.md sits beside the repository (CI), the copy is checked against it as well.
 METHOD_MD_S8 = """\
 Table 1, VOC classic, R101 (labels 92 / 183 / 366 / 732 / 1464):
 - Supervised only: 45.77 / 54.92 / 65.88 / 71.69 / 72.50
@@ -40,7 +40,9 @@ Ablations (VOC 366 unless noted): Table 6 α_0 (best 0.4); Table 7 neighbourhood
 rule (best 3×3, k = 1, max); Table 8 refinement × DPA on UniMatch, blended 1/2 (refinement alone +1.09,
 DPA alone worse, both best); Table F.1 confidence function (margin best); Table 9 Boundary IoU on COCO.
 """
-METHOD_MD = Path(__file__).resolve().parents[2] / "shared" / "method.md"
+# The specification beside the repository (the project's source) and the repository's own account of it.
+SHARED_METHOD_MD = Path(__file__).resolve().parents[2] / "shared" / "method.md"
+DOCS_METHOD_MD = Path(__file__).resolve().parents[1] / "docs" / "method.md"
 
 
 def _numbers(line: str) -> list[float]:
@@ -103,13 +105,19 @@ def test_table1_counts_and_published_values_equal_method_md(loaded):
     uni = next(rc.cell for rc in lt.cells if (rc.cell.row, rc.cell.column) == ("UniMatch + S4MC", "366"))
     assert (uni.published, uni.published_std) == (79.09, 0.18)
     cfg = next(rc.config for rc in lt.cells if rc.cell.row == "UniMatch + S4MC")
-    assert (cfg.host.w_fp, cfg.host.w_s1, cfg.host.w_s2) == (0.0, 0.5, 0.5)  # the paper's variant (method.md §5)
+    assert (cfg.host.w_fp, cfg.host.w_s1, cfg.host.w_s2) == (0.0, 0.5, 0.5)  # the paper's variant (docs/method.md §5)
 
 
-def test_method_md_copy_is_current():
-    if not METHOD_MD.is_file():
-        pytest.skip("method.md is not beside the repository")
-    text = METHOD_MD.read_text()
+def test_docs_method_md_holds_every_published_number():
+    text = DOCS_METHOD_MD.read_text()
+    for line in METHOD_MD_S8.splitlines():
+        assert line in text, f"docs/method.md §8 lacks: {line!r}"
+
+
+def test_the_specification_beside_the_repository_is_unchanged():
+    if not SHARED_METHOD_MD.is_file():
+        pytest.skip("the project's method.md is not beside the repository (a user's clone)")
+    text = SHARED_METHOD_MD.read_text()
     for line in METHOD_MD_S8.splitlines():
         assert line in text, f"method.md §8 changed: {line!r}"
 
@@ -142,7 +150,7 @@ def test_every_cell_config_validates_as_the_trial_builds_it(table, loaded, tmp_p
         assert built.train.lr == rc.config.train.lr and built.train.epochs == rc.config.train.epochs
 
 
-def test_embedded_budget_is_one_defaults_override():
+def test_embedded_budget_is_one_override():
     lt = load_table("embedded")
     assert len(lt.cells) == 15 and {rc.cell.column for rc in lt.cells} == {"30", "50", "all"}
     assert [str(rc.cell.split) for rc in lt.cells].count("all") == 1  # one full-supervision cell
@@ -152,7 +160,7 @@ def test_embedded_budget_is_one_defaults_override():
     assert {(rc.config.model.pretrained, rc.config.train.optimizer, rc.config.train.sup_only_steps)
             for rc in lt.cells} == {("embedded", "sgd", 300)}
     assert all(rc.cell.published is None and rc.gpu_hours == 0.0 for rc in lt.cells)
-    longer = load_table("embedded", ["defaults.train.steps=500"])
+    longer = load_table("embedded", ["overrides.train.steps=500"])
     assert {rc.config.train.steps for rc in longer.cells} == {500}
 
 
@@ -172,8 +180,8 @@ def _table1_copy(cells: slice = slice(0, 4)) -> dict:
 @pytest.mark.parametrize("edit, named", [
     (lambda d: d.update(tolerence=2.0), "tolerence"),
     (lambda d: d["cells"][3].update(rowz="x"), "rowz"),
-    (lambda d: d["cells"][3]["options"].setdefault("s4mc", {}).update(alpha=0.3), "s4mc.alpha"),
-    (lambda d: d["defaults"]["train"].update(epochs="eighty"), "train.epochs"),
+    (lambda d: d["cells"][3]["overrides"].setdefault("s4mc", {}).update(alpha=0.3), "s4mc.alpha"),
+    (lambda d: d.setdefault("overrides", {}).setdefault("train", {}).update(epochs="eighty"), "train.epochs"),
     (lambda d: d["cells"][0].update(host="meanteacher"), "host.name"),
 ])
 def test_bad_key_fails_with_one_line_naming_it(tmp_path, edit, named):
@@ -248,6 +256,8 @@ def test_report_from_recorded_mlflow_runs(tmp_path, loaded, sqlite_tracking_uri)
     for seed, value in ((0, 79.0), (1, 79.3), (2, 78.8)):
         _record(client, exp_id, parent, "table1", uni, seed, value)
     _record(client, exp_id, parent, "table1", sup, 0, 40.0)  # one seed of three: partial
+    for seed, value in ((0, 70.0), (1, 70.5)):  # two seeds to pair UniMatch + S4MC with at 366
+        _record(client, exp_id, parent, "table1", cell[("Supervised", "366")], seed, value)
     _record(client, exp_id, parent, "table1", cut, 0, 55.0, status="FAILED")  # not finished: missing
     _record(client, exp_id, parent, "other", uni, 1, 10.0)  # another table's run is ignored
 
@@ -260,13 +270,20 @@ def test_report_from_recorded_mlflow_runs(tmp_path, loaded, sqlite_tracking_uri)
     s = rows[("Supervised", "92")]
     assert (s["status"], s["std"], s["within_tolerance"]) == ("partial", None, False)  # 40.0 vs 45.77
     assert rows[("CutMix-Seg", "92")]["status"] == "missing"
-    assert len(out["missing"]) == 23
+    assert len(out["missing"]) == 22
+    want = ("UniMatch + S4MC", "Supervised", "366")
+    comp = next(c for c in out["comparisons"] if (c["a"], c["b"], c["column"]) == want)
+    p = comp["paired"]  # diffs 9.0, 8.8: mean 8.9, half width t(0.975, 1) x 0.1414 / sqrt(2) = 1.2706
+    assert p["n"] == 2 and p["mean"] == pytest.approx(8.9) and p["lo"] == pytest.approx(8.9 - 1.27062, abs=1e-4)
+    assert p["excludes_zero"] is True
+    assert comp["published"] == pytest.approx(79.09 - rows[("Supervised", "366")]["published"])
 
     md = out["files"]["md"].read_text()
     assert "| UniMatch + S4MC | 366 | 3/3 | 79.03 ± 0.25 | 79.09 ± 0.18 | -0.06 | yes |" in md
-    assert "| Supervised | 92 | 1/3 | 40.00 (1/3 seeds) | 45.77 | -5.77 | **no** |" in md
+    assert "| Supervised | 92 | 1/3 | 40.00 (n = 1, no interval; 1/3 seeds) | 45.77 | -5.77 | **no** |" in md
+    assert "| UniMatch + S4MC − Supervised | 366 | 2 | +8.90 [+7.63, +10.17] * | excludes 0 |" in md
     assert "| c05 | CutMix-Seg | 92 | 0/3 | — | 52.16 | — | — |" in md
-    assert "## Missing cells (23)" in md and "- c05 CutMix-Seg | 92: no FINISHED run" in md
+    assert "## Missing cells (22)" in md and "- c05 CutMix-Seg | 92: no FINISHED run" in md
     csv_text = out["files"]["csv"].read_text().splitlines()
     assert len(csv_text) == 26 and csv_text[0].startswith("table,cell,row,column")
     line = next(x for x in csv_text if ",UniMatch + S4MC,366," in x)
@@ -303,15 +320,15 @@ def test_tiny_reproduce_on_ray_then_report(tmp_path, ray_cluster):
         "table": "tiny", "title": "tiny embedded", "source": "none", "project": str(tmp_path),
         "base": str(PAPER_DIR.parent / "embedded" / "_base.yaml"),
         # _base.yaml's digit-pretrained encoder and 300-step warm-up are off: 4 steps from scratch.
-        "defaults": {"model": {"width": 0.25, "head_channels": 32, "pretrained": None},
+        "overrides": {"model": {"width": 0.25, "head_channels": 32, "pretrained": None},
                      "data": {"crop_size": 32, "embedded": {"image_size": 32, "num_train": 48, "num_val": 6}},
                      "train": {"steps": 4, "eval_every": 4, "log_every": 2, "device": "cpu", "sup_only_steps": 0},
                      "eval": {"batch_size": 6}},
         "seeds": [0], "resources": {"cpu": 1, "gpu": 0}, "max_concurrent": 2, "tracking": {"uri": uri},
         "cells": [{"row": "Supervised", "column": "20", "host": "supervised", "split": "20",
-                   "options": {"s4mc": {"enabled": False}}},
+                   "overrides": {"s4mc": {"enabled": False}}},
                   {"row": "CutMix-Seg + S4MC", "column": "20", "host": "cutmix_seg", "split": "20",
-                   "options": {"s4mc": {"enabled": True}}, "published": 10.0}]}, "tiny.yaml")
+                   "overrides": {"s4mc": {"enabled": True}}, "published": 10.0}]}, "tiny.yaml")
     t0 = time.monotonic()
     result = reproduce(manifest, echo=lambda *_: None)
     assert not result["interrupted"] and result["errors"] == [] and len(result["trials"]) == 2

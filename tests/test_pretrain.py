@@ -42,6 +42,8 @@ from s4mc.pretrain import (
     verify_encoder,
 )
 
+pytestmark = pytest.mark.integration  # trains tiny runs (tests tiers: pyproject.toml)
+
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = ROOT / "experiments" / "embedded"
 TINY = PretrainSpec(steps=3, num_images=64, batch_size=8, crop_size=32)

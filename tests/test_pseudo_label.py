@@ -1,4 +1,4 @@
-"""Tests of s4mc.pseudo_label.PseudoLabeler (method.md §3, §4, §6, §9)."""
+"""Tests of s4mc.pseudo_label.PseudoLabeler (docs/method.md §3, §4, §6, §9)."""
 
 import math
 
@@ -69,7 +69,7 @@ def test_stats_match_direct_numpy_computation():
 
 def test_label_is_argmax_of_unrefined_probs():
     # Centre pixel: class 0 at .6 but surrounded by confident class 1 -> refined class 1 wins
-    # (.4 + .99 * .6 > .6 + .01 * .4), yet the pseudo-label must stay class 0 (method.md §3).
+    # (.4 + .99 * .6 > .6 + .01 * .4), yet the pseudo-label must stay class 0 (docs/method.md §3).
     probs = torch.tensor([0.01, 0.99]).view(1, 2, 1, 1).repeat(1, 1, 3, 3)
     probs[0, :, 1, 1] = torch.tensor([0.6, 0.4])
     refined = refine(probs)
@@ -103,7 +103,7 @@ def test_refine_without_dpa_uses_fixed_kind_on_refined_scores():
 
 
 def test_refinement_changes_quantity_with_the_same_gamma():
-    # DPA's gamma comes from unrefined scores (method.md §4, §9); refined max confidence is never
+    # DPA's gamma comes from unrefined scores (docs/method.md §4, §9); refined max confidence is never
     # lower, so refinement must let more pixels pass than the 1 - alpha of the raw scores.
     probs, valid, _ = data(seed=5)
     on = PseudoLabeler(refine_enabled=True, confidence_kind="max")(probs, valid, 0.0)
@@ -211,3 +211,91 @@ def test_config_clamp_joint_reaches_refine(clamp):
     torch.testing.assert_close(out.keep, (confidence(refined, "max") > 0.6) & valid, rtol=0, atol=0)
     other = refine(probs, valid=valid, joint="expected", cooccurrence=E, clamp_joint=not clamp)
     assert not torch.equal(refined, other)  # the switch changes the scores on this input
+
+
+# The fast paths (s4mc/confidence.py class scan, s4mc/threshold.py selection, s4mc/refine.py pooled
+# maximum, shared statistics terms) must reproduce the straightforward implementation bit for bit:
+# argmax / topk / a sorted quantile / the general refinement path, statistics computed one by one.
+
+
+def reference_pseudo_labels(labeler, probs, valid, progress, gt):
+    from s4mc.threshold import _quantile_sort, alpha_schedule
+
+    kind = labeler.active_kind
+    p = probs.double() if probs.dtype == torch.float64 else probs.float()
+    label = probs.argmax(1)
+
+    def kappa_of(x):
+        if kind == "max":
+            return x.amax(1)
+        if kind == "margin":
+            top2 = x.topk(2, dim=1).values
+            return top2[:, 0] - top2[:, 1]
+        return torch.special.xlogy(x, x).sum(1)
+
+    kappa_raw = kappa_of(p)
+    if labeler.dpa_enabled:
+        gamma = _quantile_sort(kappa_raw, valid, alpha_schedule(labeler.alpha0, progress))
+    else:
+        gamma = torch.full((), labeler.fixed_threshold, dtype=kappa_raw.dtype)
+    refined = refine(p, valid=valid, _force_general=True, **labeler.refine_options)
+    keep_ref = (kappa_of(refined) > gamma) & valid
+    keep_raw = (kappa_raw > gamma) & valid
+
+    def quality(keep):
+        measured = keep & (gt != 255)
+        return (measured & (label == gt)).sum().float() / measured.sum().float()
+
+    stats = {"pl/quantity": keep_ref.sum().float() / valid.sum().float(), "pl/quality": quality(keep_ref),
+             "pl/quantity_no_refine": keep_raw.sum().float() / valid.sum().float(),
+             "pl/quality_no_refine": quality(keep_raw), "pl/threshold": gamma.float()}
+    return label, keep_ref if labeler.refine_enabled else keep_raw, stats
+
+
+@pytest.mark.parametrize("kind", ["margin", "max", "entropy"])
+@pytest.mark.parametrize("neighbourhood", ["3x3", "4", "7x7"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_fast_paths_match_the_reference_bit_for_bit(kind, neighbourhood, dtype):
+    probs, valid, gt = data(seed=11, B=3, C=6, H=13, W=17)
+    probs = probs.to(dtype)
+    probs[0, :, :4] = (probs[0, :, :4] * 4).round() / 4  # exact ties between classes
+    valid[1, 5, 6] = True
+    for dpa, ref_on in ((True, True), (False, True), (True, False)):
+        labeler = PseudoLabeler(confidence_kind=kind, fixed_confidence_kind=kind, dpa_enabled=dpa,
+                                refine_enabled=ref_on, neighbourhood=neighbourhood,
+                                fixed_threshold=-0.5 if kind == "entropy" else 0.6)
+        out = labeler(probs, valid, 0.3, gt=gt)
+        label, keep, stats = reference_pseudo_labels(labeler, probs, valid, 0.3, gt)
+        assert torch.equal(out.label, label) and torch.equal(out.keep, keep)
+        for key, value in stats.items():
+            assert torch.equal(out.stats[key], value) or (value.isnan() and out.stats[key].isnan()), key
+
+
+@pytest.mark.parametrize("C", [2, 3, 255, 256, 257, 300])
+def test_label_and_confidence_equals_argmax_and_topk(C):
+    from s4mc.confidence import label_and_confidence
+
+    g = torch.Generator().manual_seed(C)
+    p = torch.rand(2, C, 5, 7, generator=g)
+    p[0] = (p[0] * 3).round() / 3  # many ties, also of the maximum
+    for kind in ("margin", "max", "entropy"):
+        label, kappa = label_and_confidence(p, kind)
+        assert torch.equal(label, p.argmax(1)) and label.dtype == torch.int64
+        assert torch.equal(kappa, confidence(p, kind))
+    top2 = p.topk(2, dim=1).values
+    assert torch.equal(confidence(p, "margin"), top2[:, 0] - top2[:, 1])
+    assert torch.equal(confidence(p, "max"), p.amax(1))
+
+
+def test_confidence_and_quantile_stay_differentiable():
+    # The CPU fast paths write into buffers; with autograd on, the fused ops run, with the same values.
+    probs, valid, _ = data(seed=12)
+    p = probs.clone().requires_grad_(True)
+    for kind in ("margin", "max", "entropy"):
+        k = confidence(p, kind)
+        torch.testing.assert_close(k.detach(), confidence(probs, kind), rtol=0, atol=0)
+        gamma = dpa_threshold(k, valid, 0.3)
+        assert gamma.item() == dpa_threshold(k.detach(), valid, 0.3).item()
+        (k.sum() + gamma).backward()
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+        p.grad = None

@@ -1,4 +1,4 @@
-"""Tests of s4mc.refine: marginal-contextual refinement and E_c estimation (method.md §3, §9)."""
+"""Tests of s4mc.refine: marginal-contextual refinement and E_c estimation (docs/method.md §3, §9)."""
 
 import itertools
 import math
@@ -10,7 +10,7 @@ import torch
 from s4mc.refine import BETAS, JOINTS, NEIGHBOURHOODS, SELECTIONS, estimate_cooccurrence, refine
 
 # An independent, deliberately slow reference: plain Python loops over images, pixels, classes and
-# neighbours, straight from the text of method.md §3.
+# neighbours, straight from the text of docs/method.md §3.
 
 
 def ref_offsets(neighbourhood):
@@ -164,7 +164,7 @@ def test_hand_k2_max():
     assert out[0, 0, 1, 1].item() == pytest.approx(0.99)
 
 
-# Invariants (method.md §3, §9)
+# Invariants (docs/method.md §3, §9)
 
 
 def all_options():
@@ -198,7 +198,7 @@ def test_batch_equals_images_alone():
 
 def test_per_class_winner_differs():
     # Class 0's best neighbour is on the left, class 1's on the right: both classes rise at the centre.
-    # A class-agnostic max-confidence map (method.md §9) would raise at most one of them.
+    # A class-agnostic max-confidence map (docs/method.md §9) would raise at most one of them.
     p = torch.tensor([[[0.9, 0.2, 0.1]], [[0.1, 0.2, 0.9]], [[0.0, 0.6, 0.0]]], dtype=torch.float64)
     out = refine(p.unsqueeze(0))[0, :, 0, 1]
     expected = torch.tensor([0.2 + 0.9 * 0.8, 0.2 + 0.9 * 0.8, 0.6], dtype=torch.float64)
@@ -420,3 +420,12 @@ def test_paper_default_fast_path_gives_the_general_paths_bits(neighbourhood, dty
         general = refine(p, neighbourhood=neighbourhood, valid=v, _force_general=True)
         assert torch.equal(fast, general)
     assert torch.equal(refine(p, neighbourhood=neighbourhood, valid=valid)[0, :, 3, 5], p[0, :, 3, 5])
+
+
+def test_differentiable_when_asked():
+    # The fast path uses out= / in-place buffers; with autograd on, refine takes the general path.
+    p = rand_probs(2, 3, 5, 6, seed=9).requires_grad_(True)
+    out = refine(p)
+    out.sum().backward()
+    assert p.grad is not None and torch.isfinite(p.grad).all()
+    torch.testing.assert_close(out.detach(), refine(p.detach()), rtol=0, atol=0)

@@ -47,9 +47,17 @@ def write_manifest(tmp_path: Path, name: str, tracking_uri: str | None = None, *
            "max_concurrent": 2, "sampler": {"seed": 0, "n_startup_trials": 2},
            "storage": str(tmp_path / "store"), "work_dir": str(tmp_path / "work"),
            "tracking": {"uri": tracking_uri or f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"}, **keys}
+    doc["overrides"] = as_mapping(doc["overrides"])
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+def as_mapping(overrides) -> dict:
+    """key=value strings (the command-line form) as the manifest's `overrides` mapping."""
+    if isinstance(overrides, dict):
+        return overrides
+    return {key: yaml.safe_load(value) for key, _, value in (o.partition("=") for o in overrides)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,7 +92,7 @@ def test_manifest_defaults_resolve_and_env_overrides(tmp_path, monkeypatch):
     ("scheduler.name=hyperband", "scheduler.name='hyperband' is not allowed"),
     ("resources_per_trial.gpu=1.5", "must be whole"),
     ("metric=mIoU", "is not a trainer metric"),
-    ("overrides=[s4mc.k=99]", "s4mc.k=99 is out of range"),
+    ("overrides.s4mc.k=99", "s4mc.k=99 is out of range"),
     ("base=missing.yaml", "the training config file does not exist"),
     ("ray.temp_dir=/tmp/a-very-long-temporary-directory-name-for-ray", "too long"),
 ])
@@ -257,6 +265,15 @@ def test_sweep_tracks_every_trial_in_mlflow_and_optuna(tiny_sweep):
     summary = json.loads((result.sweep_dir / "summary.json").read_text())
     assert 0.0 <= summary["timing"]["overhead_fraction"] < 1.0 and summary["timing"]["train_busy_s"] > 0
     assert "best configuration: tiny-t" in out and "make ui MANIFEST=" in out and "| pl/quality |" in out
+    # The four study plots (orchestration/study_plots.py), in the folder and on the parent run.
+    plots = {f"study_{n}.{e}" for n in ("parallel_coordinate", "param_importances", "intermediate_values",
+                                        "optimization_history") for e in ("html", "png")}
+    assert plots <= {p.name for p in result.sweep_dir.iterdir()}
+    assert plots <= {a.path for a in client.list_artifacts(result.parent_run_id)}
+    # Each trial's best checkpoint is an MLflow 3 logged model of its run, with the run's metrics.
+    models = client.search_logged_models([children[0].info.experiment_id])
+    assert {x.source_run_id for x in models} == {r.info.run_id for r in children}
+    assert all(str(x.status) == "READY" and any(k.key == "eval/mIoU" for k in x.metrics) for x in models)
 
 
 @pytest.mark.services
@@ -368,6 +385,9 @@ def test_several_seeds_train_in_lockstep_and_report_their_mean(tmp_path):
             per_seed.append([float(r["eval/mIoU"]) for r in csv.DictReader(f)])
     assert [row["eval/mIoU"] for row, _ in reports] == pytest.approx(
         [(a + b) / 2 for a, b in zip(*per_seed, strict=True)])
+    # every seed's own score too, for the summary's paired comparison (orchestration/results.py)
+    for s in (0, 1):
+        assert [row[f"seed_{s}/eval/mIoU"] for row, _ in reports] == pytest.approx(per_seed[s])
 
 
 @pytest.mark.services
@@ -386,7 +406,9 @@ def test_data_parallel_trial_spans_both_nodes(ray_cluster, tmp_path, mlflow_db_c
     result = run_sweep(m, echo=lambda *_: None)
     (row,) = result.rows
     assert row["state"] == "COMPLETE" and row["evaluations"] == 2 and not result.errors
-    assert (Path(m.work_dir) / "ddp-t000" / "seed_0-rank1").is_dir()  # rank 1 kept its own run folder
+    # Only rank 0 writes the run folder (s4mc/train/loop.py); rank 1 keeps a folder only to resume from.
+    assert (Path(m.work_dir) / "ddp-t000" / "seed_0" / "eval.csv").is_file()
+    assert not (Path(m.work_dir) / "ddp-t000" / "seed_0-rank1" / "eval.csv").exists()
     assert list((Path(m.storage) / "ddp-ddp-t000").glob("checkpoint_*/seed_0/last.pt"))
     client, children = _mlflow_children(m, result.parent_run_id)
     assert [x.step for x in client.get_metric_history(children[0].info.run_id, "eval/mIoU")] == [3, 6]

@@ -1,4 +1,4 @@
-"""Tests of s4mc.threshold: DPA quantile and alpha schedule (method.md §4, §9)."""
+"""Tests of s4mc.threshold: DPA quantile and alpha schedule (docs/method.md §4, §9)."""
 
 import math
 
@@ -29,7 +29,7 @@ def test_matches_numpy_lower_quantile_over_valid(seed):
     kappa[rng.random(shape) < 0.3] = 0.5  # ties
     valid = rng.random(shape) < 0.6
     valid.flat[0] = True
-    # Padded / ignored pixels hold extreme values: they must not move the quantile (method.md §9).
+    # Padded / ignored pixels hold extreme values: they must not move the quantile (docs/method.md §9).
     kappa_bad = kappa.copy()
     kappa_bad[~valid] = np.where(rng.random((~valid).sum()) < 0.5, -1e9, 1e9)
     for alpha in (0.0, 0.1, 0.29, 0.4, 0.5, 0.7, 0.999, 1.0):
@@ -64,7 +64,7 @@ def test_dtype_and_device():
 
 def test_no_host_sync_meta_device():
     # Meta tensors carry no data: .item(), int(tensor), boolean-mask indexing all raise on them, so
-    # running on "meta" proves the computation never needs a value on the host (method.md §4).
+    # running on "meta" proves the computation never needs a value on the host (docs/method.md §4).
     kappa = torch.empty(2, 5, 6, device="meta")
     valid = torch.empty(2, 5, 6, dtype=torch.bool, device="meta")
     gamma = dpa_threshold(kappa, valid, 0.4)
@@ -105,3 +105,26 @@ def test_fixed_threshold():
     assert fixed_threshold(0.95, dtype=torch.float64).item() == 0.95
     with pytest.raises(ValueError, match="value"):
         fixed_threshold(math.nan)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cpu_selection_and_sort_paths_give_the_same_bits(seed):
+    # dpa_threshold selects on CPU (numpy's partition) and sorts elsewhere (no host read); both must
+    # return numpy's "lower" quantile exactly, with ties, padding-like extremes and empty cases.
+    from s4mc.threshold import _quantile_select, _quantile_sort
+
+    rng = np.random.default_rng(100 + seed)
+    shape = [(8, 64, 64), (1, 1, 1), (3, 7, 5), (2, 33, 31)][seed]
+    for dtype in (torch.float32, torch.float64):
+        kappa = torch.from_numpy(rng.random(shape)).to(dtype)
+        kappa[torch.from_numpy(rng.random(shape) < 0.2)] = 0.25  # ties
+        valid = torch.from_numpy(rng.random(shape) < 0.7)
+        kappa[~valid] = -1e30
+        for alpha in (0.0, 0.13, 0.4, 0.999, 1.0):
+            a, b = _quantile_select(kappa, valid, alpha), _quantile_sort(kappa, valid, alpha)
+            assert a.dtype == b.dtype == dtype and a.shape == b.shape == ()
+            assert torch.equal(a, b), (alpha, dtype)
+            if valid.any():
+                assert a.item() == np.quantile(kappa[valid].numpy(), alpha, method="lower")
+        none = torch.zeros(shape, dtype=torch.bool)
+        assert _quantile_select(kappa, none, 0.4).item() == _quantile_sort(kappa, none, 0.4).item() == math.inf

@@ -16,7 +16,8 @@ from PIL import Image
 
 from orchestration import plots, tracking
 from orchestration.storage import sha256_file
-from orchestration.tracking import TrialTracker, ensure_experiment, start_sweep_run
+from orchestration.tracking import ensure_experiment, start_sweep_run
+from orchestration.trial_tracker import TrialTracker
 from s4mc.config import load_config, to_yaml
 
 services = pytest.mark.services

@@ -16,6 +16,8 @@ from s4mc.config import load_config
 from s4mc.train import StopTraining, run_training
 from s4mc.train.callbacks import read_csv
 
+pytestmark = pytest.mark.integration  # trains tiny runs (tests tiers: pyproject.toml)
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.embedded.image_size=32", "data.embedded.num_train=48", "data.embedded.num_val=6",
         "data.crop_size=32", "data.split=20", "data.batch_size=2", "data.unlabeled_batch_size=2",
@@ -136,7 +138,7 @@ def test_cli_bad_override_is_one_line(tmp_path):
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 2
     assert out.stderr.strip() == ("error: s4mc.neighbourhood='6' is not allowed; expected one of: "
-                                  "4, 3x3, 5x5, 7x7")
+                                  "3x3, 4, 5x5, 7x7")
 
 
 def test_boundary_iou_is_logged_on_request(tmp_path):
@@ -246,7 +248,7 @@ def yaml_value(path: Path, *keys: str):
 
 def test_every_step_steps_the_optimizer(tmp_path):
     """Fails on a trainer that steps the optimizer once per epoch (or once per run), the released
-    U2PL-based code's defect (method.md §9): AdamW counts its steps per parameter."""
+    U2PL-based code's defect (docs/method.md §9): AdamW counts its steps per parameter."""
     n = 4
     run_training(tiny_cfg("cutmix_seg", True, tmp_path, "train.optimizer=adamw", f"train.steps={n}",
                           "train.keep_checkpoints=2"))

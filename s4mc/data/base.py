@@ -165,7 +165,7 @@ class UnlabeledDataset(_SeededDataset):
     Keys: ``"weak"`` (geometric aug only), ``"strong1"`` / ``"strong2"`` (photometric aug of the same
     crop, so every view shares the weak view's pixel grid), ``"valid"`` bool ``h x w`` (False on crop
     padding), ``"gt"`` int64 ``h x w``: the ground truth under the same geometry, 255 where absent.
-    ``gt`` exists ONLY for the pseudo-label quality metric (method.md §6); frameworks must never put
+    ``gt`` exists ONLY for the pseudo-label quality metric (docs/method.md §6); frameworks must never put
     it into a loss. Images are float32 ``3 x h x w``, normalised.
     """
 

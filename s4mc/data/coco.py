@@ -40,7 +40,7 @@ COCO_CATEGORIES = [
     (88, "teddy bear"), (89, "hair drier"), (90, "toothbrush"),
 ]
 COCO_CLASSES = ["background"] + [name for _, name in sorted(COCO_CATEGORIES)]
-COCO_NUM_CLASSES = len(COCO_CLASSES)  # 81: UniMatch / PseudoSeg COCO setting (method.md §7)
+COCO_NUM_CLASSES = len(COCO_CLASSES)  # 81: UniMatch / PseudoSeg COCO setting (docs/method.md §7)
 CATEGORY_TO_CLASS = {cat_id: rank + 1 for rank, (cat_id, _) in enumerate(sorted(COCO_CATEGORIES))}
 MASK_DIR = "masks"
 

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-IGNORE_INDEX = 255  # docs/architecture.md: masks use ignore index 255
+from s4mc.vocab import IGNORE_INDEX  # noqa: F401 (masks use it: docs/architecture.md)
+
 _MAX_SHOWN = 10  # bad mask values listed in an error message
 
 

@@ -1,6 +1,6 @@
 """Step-indexed batch sampling: a pure function from (seed, step) to the items and seeds of a batch.
 
-Training is counted in optimisation steps, not epochs (method.md §9: the released U2PL trainer ran one
+Training is counted in optimisation steps, not epochs (docs/method.md §9: the released U2PL trainer ran one
 step per epoch). ``StepBatchSampler`` therefore yields one batch per step from a continuous stream of
 per-epoch permutations, and pairs every item with a sample seed derived from (seed, step, slot). No
 state is carried between steps beyond the step number, so resuming at ``start_step`` replays exactly
@@ -100,7 +100,7 @@ def eval_batches(num_items: int, batch_size: int, rank: int = 0, world_size: int
     """This rank's evaluation batches: a contiguous shard of ``range(num_items)`` cut into batches.
 
     Shards differ in size by at most one item and the last batch may be short, so over all ranks
-    every item appears exactly once (method.md §9: no dropped or duplicated validation images).
+    every item appears exactly once (docs/method.md §9: no dropped or duplicated validation images).
     A rank may receive no batch when ``num_items < world_size``; reduce metrics with a sum.
     """
     if batch_size < 1:

@@ -4,7 +4,7 @@ Every function takes an explicit ``torch.Generator`` and never touches the globa
 augmentation is a pure function of its seed (exact resume, see ``s4mc.data.sampler``). Images travel
 as float32 ``3 x H x W`` in [0, 1] until ``normalize``; masks as int64 ``H x W`` with ignore 255.
 Recipes and constants follow UniMatch (Yang et al., CVPR 2023, ``dataset/transform.py`` and
-``dataset/semi.py``), which is also what method.md §5 prescribes for the strong views; the colour
+``dataset/semi.py``), which is also what docs/method.md §5 prescribes for the strong views; the colour
 operations reproduce torchvision's tensor implementations (``ColorJitter``, ``Grayscale``).
 """
 
@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = 255  # docs/architecture.md: masks use ignore index 255
-# ImageNet statistics (torchvision.models docs); every pretrained backbone in method.md §7 expects them.
+from s4mc.vocab import IGNORE_INDEX  # noqa: F401 (masks use it: docs/architecture.md)
+
+# ImageNet statistics (torchvision.models docs); every pretrained backbone in docs/method.md §7 expects them.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # ITU-R 601-2 luma, the weights torchvision.transforms.functional.rgb_to_grayscale uses.
@@ -52,7 +53,7 @@ class GeometricAug:
 
 @dataclass(frozen=True)
 class StrongAug:
-    """Strong (photometric) augmentation of a weak view; defaults are method.md §5 / UniMatch semi.py."""
+    """Strong (photometric) augmentation of a weak view; defaults are docs/method.md §5 / UniMatch semi.py."""
 
     brightness: float = 0.5
     contrast: float = 0.5
@@ -303,7 +304,7 @@ def apply_cutmix(images: Tensor, box: Tensor, partner_index: Tensor | int = 1) -
     """Paste ``images[partner_index[b]]`` into sample b inside ``box`` (``B x H x W`` or ``H x W``).
 
     ``images`` is any ``B x ... x H x W`` tensor: images, pseudo-labels, keep / valid maps. Mix all of
-    a sample's maps with the same box and partners so labels stay aligned (method.md §5).
+    a sample's maps with the same box and partners so labels stay aligned (docs/method.md §5).
     ``partner_index`` is a ``B`` index tensor (e.g. a permutation) or an int shift for ``torch.roll``.
     """
     b = images.shape[0]

@@ -3,7 +3,7 @@
 A host framework turns one labeled batch and one unlabeled batch into a scalar loss and a dict of
 0-dim metric tensors (`train/*`, `pl/*`). Frameworks never synchronise with the host: metrics stay
 tensors until the trainer logs them. S4MC enters only through the `PseudoLabeler`, built with the
-master switch already applied, so a host with S4MC off is its true baseline (method.md §9).
+master switch already applied, so a host with S4MC off is its true baseline (docs/method.md §9).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from s4mc.data.transforms import apply_cutmix, cutmix_boxes, random_derangement
 from s4mc.pseudo_label import PseudoLabeler, PseudoLabels
+from s4mc.vocab import IGNORE_INDEX
 
-IGNORE_INDEX = 255
 CUTMIX_PARTNERS = ("derangement", "shuffle")  # docs/hosts.md
 
 
@@ -26,7 +26,7 @@ def supervised_loss(logits: Tensor, mask: Tensor) -> Tensor:
 
 
 def unsupervised_loss(logits: Tensor, label: Tensor, keep: Tensor, valid: Tensor) -> Tensor:
-    """Sum of per-pixel CE over kept pixels divided by the number of valid pixels (method.md §5).
+    """Sum of per-pixel CE over kept pixels divided by the number of valid pixels (docs/method.md §5).
 
     Normalised once, by valid pixels: dividing by kept pixels (or re-scaling an averaged loss, as
     U2PL's code did) would make the loss weight depend on the threshold.
@@ -90,7 +90,7 @@ class HostFramework(nn.Module):
         """CutMix within the unlabeled batch: image, pseudo-label, keep and valid share one box.
 
         The partner is a permutation of the same batch, so its pseudo-labels come from the same
-        teacher forward (method.md §9: no extra forward in another BN mode). "derangement" never
+        teacher forward (docs/method.md §9: no extra forward in another BN mode). "derangement" never
         pairs a sample with itself (except for B = 1, where no other partner exists); "shuffle" is a
         plain permutation, where about 1/B of the samples are their own partner and get no mix.
         """
@@ -109,7 +109,7 @@ class HostFramework(nn.Module):
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, step: int, decay: float) -> None:
-    """Mean-teacher EMA with warm-up tau_t = min(1 - 1/(t+1), tau) (method.md §5)."""
+    """Mean-teacher EMA with warm-up tau_t = min(1 - 1/(t+1), tau) (docs/method.md §5)."""
     tau = min(1.0 - 1.0 / (step + 1), decay)
     for t_param, s_param in zip(teacher.parameters(), student.parameters(), strict=True):
         t_param.mul_(tau).add_(s_param.detach(), alpha=1.0 - tau)

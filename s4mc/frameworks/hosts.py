@@ -1,4 +1,4 @@
-"""The four host frameworks S4MC plugs into (method.md §5).
+"""The four host frameworks S4MC plugs into (docs/method.md §5).
 
 - supervised: labeled data alone, the lower bound of every table.
 - cutmix_seg: mean teacher; the EMA teacher labels the weak views, the student learns on a CutMix
@@ -6,7 +6,7 @@
 - fixmatch: one network; its own no-grad prediction on the weak view labels the strong view.
 - unimatch: FixMatch with two strong views and a feature-perturbation stream.
 Labeled and weak unlabeled images share one forward pass where the host allows it, so pseudo-labels
-and confidences always come from the same output (method.md §9). What the student sees and which
+and confidences always come from the same output (docs/method.md §9). What the student sees and which
 network is evaluated follow each host's own paper / code by default (docs/hosts.md).
 """
 

@@ -30,6 +30,28 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def _whole(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check_args(backbone, num_classes, width, output_stride, rates, head_channels, fp_dropout, layout) -> None:
+    rules = [
+        (backbone not in BACKBONES, f"backbone={backbone!r} is not known; allowed: {', '.join(BACKBONES)}"),
+        (not _whole(num_classes, 1), f"num_classes={num_classes!r} must be an integer >= 1"),
+        (not isinstance(width, int | float) or not width > 0, f"width={width!r} must be a number > 0"),
+        (output_stride not in (8, 16), f"output_stride={output_stride!r} is not supported; allowed: 8, 16"),
+        (len(rates) != 3 or not all(_whole(r, 1) for r in rates),
+         f"aspp_rates={list(rates)!r} must be three integers >= 1, e.g. [6, 12, 18]"),
+        (not _whole(head_channels, 8), f"head_channels={head_channels!r} must be an integer >= 8"),
+        (not isinstance(fp_dropout, int | float) or not 0.0 <= fp_dropout < 1.0,
+         f"fp_dropout={fp_dropout!r} must lie in [0, 1)"),
+        (layout not in LAYOUTS, f"pretrained_layout={layout!r} is not known; allowed: {', '.join(LAYOUTS)}"),
+    ]
+    for broken, message in rules:
+        if broken:
+            raise ValueError(message)
+
+
 def build_model(*, backbone: str, num_classes: int, width: float = 1.0, deep_stem: bool = False,
                 output_stride: int = 16, multi_grid: bool = False,
                 aspp_rates: Sequence[int] = (6, 12, 18), head_channels: int = 256,
@@ -39,25 +61,8 @@ def build_model(*, backbone: str, num_classes: int, width: float = 1.0, deep_ste
 
     ``deep_stem`` and ``multi_grid`` apply to the ResNets only; asking for them with Xception-65 is
     an error rather than silently ignored."""
-    if backbone not in BACKBONES:
-        raise ValueError(f"backbone={backbone!r} is not known; allowed: {', '.join(BACKBONES)}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes={num_classes!r} must be an integer >= 1")
-    if not isinstance(width, int | float) or not width > 0:
-        raise ValueError(f"width={width!r} must be a number > 0")
-    if output_stride not in (8, 16):
-        raise ValueError(f"output_stride={output_stride!r} is not supported; allowed: 8, 16")
     rates = tuple(aspp_rates)
-    if len(rates) != 3 or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rates):
-        raise ValueError(f"aspp_rates={list(rates)!r} must be three integers >= 1, e.g. [6, 12, 18]")
-    if isinstance(head_channels, bool) or not isinstance(head_channels, int) or head_channels < 8:
-        raise ValueError(f"head_channels={head_channels!r} must be an integer >= 8")
-    if not isinstance(fp_dropout, int | float) or not 0.0 <= fp_dropout < 1.0:
-        raise ValueError(f"fp_dropout={fp_dropout!r} must lie in [0, 1)")
-    if pretrained_layout not in LAYOUTS:
-        raise ValueError(f"pretrained_layout={pretrained_layout!r} is not known; "
-                         f"allowed: {', '.join(LAYOUTS)}")
-
+    _check_args(backbone, num_classes, width, output_stride, rates, head_channels, fp_dropout, pretrained_layout)
     kwargs: dict = {"width": float(width), "output_stride": output_stride}
     if backbone.startswith("resnet"):
         kwargs.update(deep_stem=bool(deep_stem), multi_grid=bool(multi_grid))

@@ -10,7 +10,7 @@ bilinearly upsampled to the input size. Submodule names follow UniMatch (``backb
 ``forward(x, feature_perturbation=True)`` returns ``(logits, logits_fp)``: the encoder runs once, the
 perturbed stream applies channel dropout (``Dropout2d(fp_dropout)``) to both the low-level and the
 high-level encoder feature, and one decoder call on the batch-concatenated clean and perturbed
-features produces both outputs (UniMatch, method.md §5), so the decoder's BatchNorm sees both halves.
+features produces both outputs (UniMatch, docs/method.md §5), so the decoder's BatchNorm sees both halves.
 """
 
 from __future__ import annotations
@@ -92,9 +92,9 @@ class DeepLabV3Plus(nn.Module):
     Args:
         backbone: encoder; ``c1`` (stride 4) feeds the decoder, ``c4`` the ASPP.
         num_classes: output channels of the classifier.
-        aspp_rates: the three atrous rates (method.md §7: 6/12/18 at OS16, 12/24/36 at OS8).
+        aspp_rates: the three atrous rates (docs/method.md §7: 6/12/18 at OS16, 12/24/36 at OS8).
         head_channels: ASPP and decoder width (256 in the paper).
-        fp_dropout: channel-dropout probability of the feature-perturbation stream (method.md §5).
+        fp_dropout: channel-dropout probability of the feature-perturbation stream (docs/method.md §5).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, *,
@@ -134,8 +134,8 @@ class DeepLabV3Plus(nn.Module):
 
     def param_groups(self, lr: float, head_lr_mult: float = 1.0, weight_decay: float = 1e-4) -> list[dict]:
         """Optimizer parameter groups: the encoder at ``lr``, everything else (ASPP, decoder,
-        classifier) at ``lr * head_lr_mult`` (method.md §7: x10 for VOC / COCO, x1 for Cityscapes).
-        ``weight_decay`` (default 1e-4, method.md §7) applies to both groups, BN included, as in the
+        classifier) at ``lr * head_lr_mult`` (docs/method.md §7: x10 for VOC / COCO, x1 for Cityscapes).
+        ``weight_decay`` (default 1e-4, docs/method.md §7) applies to both groups, BN included, as in the
         reference code. Each group carries ``name`` and ``lr_mult`` so a schedule can rescale it."""
         if not lr > 0:
             raise ValueError(f"lr={lr!r} must be > 0")

@@ -4,7 +4,7 @@ The layout follows torchvision's ResNet v1.5 (He et al. 2016, "Deep Residual Lea
 Bottleneck stride sits on the 3x3 conv) with the module names of torchvision, so an ImageNet state
 dict from torchvision loads as it is (its ``fc.*`` keys are ignored by ``s4mc.models.weights``). On
 top of that: the deep stem of the semi-supervised segmentation code bases (UniMatch / U2PL / CPS:
-three 3x3 convs 64-64-128, the stem of the published ResNet-101 runs, method.md §7), output stride 8
+three 3x3 convs 64-64-128, the stem of the published ResNet-101 runs, docs/method.md §7), output stride 8
 or 16 by replacing strides with dilation (torchvision's ``replace_stride_with_dilation``), DeepLabV3
 multi-grid in layer4 and a ``width`` multiplier that gives the small models of the CPU runs. The
 encoder returns the four stage outputs ``[c1, c2, c3, c4]``; ``c1`` feeds the decoder's low-level

@@ -1,4 +1,4 @@
-"""Aligned Xception-65 encoder for DeepLabV3+ (the COCO backbone of method.md §7).
+"""Aligned Xception-65 encoder for DeepLabV3+ (the COCO backbone of docs/method.md §7).
 
 Architecture of Chen et al. 2018 ("Encoder-Decoder with Atrous Separable Convolution", Sec. 3.3, the
 TF DeepLab ``xception_65``): a two-conv stem, an entry flow of three residual blocks (128, 256, 728
