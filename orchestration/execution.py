@@ -296,7 +296,7 @@ class Progress(Callback):
                           f"{100 * float((t.last_result or {}).get(PROGRESS_KEY, 0.0)):.0f}%"
                           for t in running[:SHOWN_RUNNING])
         elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - self.t0))
-        best = f" | best {self.metric} {self.best[0]:.2f} ({self.best[1]})" if self.best else ""
+        best = f" | best reported {self.metric} {self.best[0]:.2f} ({self.best[1]})" if self.best else ""
         return (f"[{self.label} {elapsed}] {done}/{self.total} done, {len(running)} running"
                 f"{f' ({shown})' if shown else ''}{f', {failed} failed' if failed else ''}{best}{event}")
 

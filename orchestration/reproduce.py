@@ -43,7 +43,7 @@ class TrialSpec:
     column: str
     seed: int
     overrides: dict[str, Any]
-    manifest: Any  # orchestration.manifest.Manifest with seeds=[seed]
+    settings: Any  # orchestration.trial.TrialSettings of this cell x seed
     tags: dict[str, str]
 
 
@@ -105,15 +105,14 @@ def format_dry_run(loaded: LoadedTable) -> str:
 
 def trial_specs(loaded: LoadedTable) -> list[TrialSpec]:
     from orchestration.keys import NUMBER_KEY, trial_key
-    from orchestration.manifest import Manifest
+    from orchestration.trial import TrialSettings
 
     t = loaded.spec
     specs = []
     for rc in loaded.cells:
         for seed in t.seeds:
-            m = Manifest(name=f"{t.table}-{rc.id}", base=t.base, seeds=[int(seed)], num_trials=1,
-                         resources_per_trial=t.resources, metric=t.metric, project=t.project, storage=t.storage,
-                         work_dir=t.work_dir, tracking=t.tracking, ray=t.ray, retries=t.retries)
+            m = TrialSettings(name=f"{t.table}-{rc.id}", base=t.base, seeds=(int(seed),), work_dir=t.work_dir,
+                              storage=t.storage, resources_per_trial=t.resources, retries=t.retries, metric=t.metric)
             key = trial_key(m.name, {NUMBER_KEY: seed})
             specs.append(TrialSpec(key, t.table, rc.id, rc.cell.row, rc.cell.column, int(seed), dict(rc.overrides),
                                    m, run_tags(t.table, rc, int(seed))))
@@ -140,7 +139,7 @@ def cell_trial(config: dict, specs: dict[str, TrialSpec], tracking=None,
         from orchestration.tracking import open_child_run
 
         open_child_run(tracking, spec.key, spec.tags)
-    trial_main({NUMBER_KEY: spec.seed, **spec.overrides}, manifest=spec.manifest, tracking=tracking)
+    trial_main({NUMBER_KEY: spec.seed, **spec.overrides}, settings=spec.settings, tracking=tracking)
 
 
 def finished_keys(tracking_uri: str, experiment_id: str, table: str) -> set[str]:

@@ -28,7 +28,7 @@ from orchestration.manifest import Manifest, base_training_config, sweep_dir_of,
 from orchestration.results import collect_rows, summarise, write_outputs
 from orchestration.search import build_searcher, open_study, study_exists
 from orchestration.study_plots import write_study_plots
-from orchestration.trial import trial_key, trial_main
+from orchestration.trial import TrialSettings, trial_key, trial_main
 from s4mc.config import ConfigError
 
 EXPERIMENT_DIR = execution.EXPERIMENT_DIR
@@ -122,7 +122,8 @@ def run_sweep(m: Manifest, resume: bool = False, manifest_path: str | None = Non
     _save_state(sweep_dir, state)
 
     base_config = OmegaConf.to_container(base, resolve=True)  # workers need not hold the YAML files
-    fn = tune.with_parameters(trainable or trial_main, manifest=m, tracking=target, base_config=base_config)
+    fn = tune.with_parameters(trainable or trial_main, settings=TrialSettings.of(m), tracking=target,
+                              base_config=base_config)
     plan = execution.TrialPlan(
         label=f"sweep {m.name}", trainable=fn, storage=m.storage, resources=m.resources_per_trial,
         max_concurrent=m.max_concurrent, retries=m.retries, metric=m.metric, mode=m.mode, total=m.num_trials,

@@ -1,6 +1,6 @@
 """One sweep trial as a Ray Tune function trainable: config, training, reports, checkpoints, MLflow.
 
-`trial_main(config, manifest, tracking)` builds the trial's training config (base + manifest overrides
+`trial_main(config, settings, tracking)` builds the trial's training config (base + the job's overrides
 + the sampled parameters + the seed), resolves s3:// data roots and weights to a node-local cache, and
 runs `s4mc.train.run_training` with two callbacks: a `TrialTracker` (MLflow) and a `RayReporter` that
 calls `tune.report(metrics, checkpoint=...)` once per evaluation. The trainer writes its checkpoint
@@ -29,18 +29,40 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from orchestration.keys import NUMBER_KEY, PROGRESS_KEY, sampled_params, trial_key
-from orchestration.manifest import Manifest, dp_workers
+from orchestration.manifest import Manifest, ResourcesConfig, dp_workers
 from s4mc.config import as_layer, config_layers, flatten, load_config
 from s4mc.train import StopTraining, run_training
 
 CKPT_FILES = ("last.pt", "best.pt")
 RUN_FILES = ("metrics.jsonl", "train.csv", "eval.csv")  # small; keep the run folder whole on another node
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """What a trial takes from its job: a sweep manifest (`of(manifest)`) or one cell x seed of a paper
+    table (orchestration/reproduce.py). Picklable for Ray; the names are the sweep manifest's."""
+
+    name: str  # trial keys are <name>-t<number> (orchestration/keys.py)
+    base: str | None = None  # training config YAML
+    overrides: dict[str, Any] = field(default_factory=dict)  # training-config keys (s4mc.config.as_layer)
+    seeds: tuple[int, ...] = (0,)
+    work_dir: str = "runs"
+    storage: str = "."
+    resources_per_trial: ResourcesConfig = field(default_factory=ResourcesConfig)
+    retries: int = 2
+    metric: str = "eval/mIoU"
+
+    @classmethod
+    def of(cls, m: Manifest) -> TrialSettings:
+        return cls(m.name, m.base, dict(m.overrides), tuple(m.seeds), m.work_dir, m.storage, m.resources_per_trial,
+                   m.retries, m.metric)
 
 
 def _dotted(key: str, value: Any) -> dict:
@@ -63,7 +85,7 @@ def _resolve_uris(cfg: DictConfig) -> None:
         OmegaConf.update(cfg, k, str(resolve_local(OmegaConf.select(cfg, k), cache)))
 
 
-def build_trial_config(m: Manifest, params: dict[str, Any], seed: int, run_dir: Path, name: str,
+def build_trial_config(m: TrialSettings | Manifest, params: dict[str, Any], seed: int, run_dir: Path, name: str,
                        base_config: dict | None = None) -> DictConfig:
     """Base + manifest overrides + sampled parameters + seed + run folder, validated by the schema.
 
@@ -275,7 +297,7 @@ class _Tracked:
             self.tracker.client.log_artifact(self.tracker.run_id, str(path))
 
 
-def _tracker(m: Manifest, tracking: dict | None, key: str, number: int, cfg: DictConfig,
+def _tracker(m: TrialSettings, tracking: dict | None, key: str, number: int, cfg: DictConfig,
              params: dict[str, Any]):
     if not tracking:
         return None
@@ -289,7 +311,7 @@ def _tracker(m: Manifest, tracking: dict | None, key: str, number: int, cfg: Dic
                         tags, checkpoint_prefix=prefix)
 
 
-def run_trial(config: dict, m: Manifest, tracking: dict | None, report_fn, get_checkpoint, checkpoint_cls,
+def run_trial(config: dict, m: TrialSettings, tracking: dict | None, report_fn, get_checkpoint, checkpoint_cls,
               rank: int = 0, callbacks: tuple = (), base_config: dict | None = None) -> None:
     """The body shared by the plain and the data-parallel trial: train every seed, report each eval.
 
@@ -327,15 +349,14 @@ def run_trial(config: dict, m: Manifest, tracking: dict | None, report_fn, get_c
             tracker.finish(status)
 
 
-def trial_main(config: dict, manifest: Manifest, tracking: dict | None = None, base_config: dict | None = None
-               ) -> None:
-    """The Tune trainable (`tune.with_parameters(trial_main, manifest=..., tracking=..., base_config=...)`)."""
+def trial_main(config: dict, settings: TrialSettings, tracking=None, base_config: dict | None = None) -> None:
+    """The Tune trainable (`tune.with_parameters(trial_main, settings=..., tracking=..., base_config=...)`)."""
     from ray import tune
 
-    if dp_workers(manifest.resources_per_trial) > 1:
-        _data_parallel(config, manifest, tracking, base_config)
+    if dp_workers(settings.resources_per_trial) > 1:
+        _data_parallel(config, settings, tracking, base_config)
         return
-    run_trial(config, manifest, tracking, tune.report, tune.get_checkpoint, tune.Checkpoint,
+    run_trial(config, settings, tracking, tune.report, tune.get_checkpoint, tune.Checkpoint,
               base_config=base_config)
 
 
@@ -344,11 +365,11 @@ def _ddp_worker(loop_config: dict) -> None:
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    run_trial(loop_config["config"], loop_config["manifest"], loop_config["tracking"], ray.train.report,
+    run_trial(loop_config["config"], loop_config["settings"], loop_config["tracking"], ray.train.report,
               ray.train.get_checkpoint, ray.train.Checkpoint, rank, base_config=loop_config["base_config"])
 
 
-def _data_parallel(config: dict, m: Manifest, tracking: dict | None, base_config: dict | None) -> None:
+def _data_parallel(config: dict, m: TrialSettings, tracking: dict | None, base_config: dict | None) -> None:
     # Ray Train V2 inside a Tune trial: the trial only drives the TorchTrainer; its workers hold the CPUs
     # and GPUs. TuneReportCallback forwards rank 0's reports to this trial, so ASHA sees them like any
     # other trial's. A restarted trial (retry, resumed sweep) calls fit() with the same run name and
@@ -365,7 +386,7 @@ def _data_parallel(config: dict, m: Manifest, tracking: dict | None, base_config
     fs, path = storage_filesystem(m.storage)
     per_worker = {k: v for k, v in worker_bundle(r).items() if v > 0}
     trainer = TorchTrainer(
-        _ddp_worker, train_loop_config={"config": config, "manifest": m, "tracking": tracking,
+        _ddp_worker, train_loop_config={"config": config, "settings": m, "tracking": tracking,
                                         "base_config": base_config},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=r.gpu > 0,
                                                resources_per_worker=per_worker),

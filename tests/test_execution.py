@@ -103,11 +103,11 @@ def test_progress_best_never_goes_down():
     p.on_trial_result(0, [a, b], b, {"eval/mIoU": 8.64})
     p.on_trial_result(0, [a, b], a, {"eval/mIoU": 8.52})  # a later, lower report of the leader
     line = p.line([a, b])
-    assert "best eval/mIoU 8.90 (s-t000)" in line and "0/3 done, 2 running (s-t000 50%, s-t001 50%)" in line
+    assert "best reported eval/mIoU 8.90 (s-t000)" in line and "0/3 done, 2 running (s-t000 50%, s-t001 50%)" in line
     low = Progress("sweep s", 1, "train/loss", "min", key=lambda c: c["trial"])
     low.on_trial_result(0, [a], a, {"train/loss": 0.5})
     low.on_trial_result(0, [a], a, {"train/loss": 0.7})
-    assert "best train/loss 0.50" in low.line([a])
+    assert "best reported train/loss 0.50" in low.line([a])
 
 
 def test_results_hold_each_trial_once():

@@ -28,7 +28,7 @@ OVERRIDES = ["train.steps=30", "train.eval_every=10", "train.log_every=5", "data
              "eval.batch_size=16", "model.pretrained=null", "train.sup_only_steps=0"]
 
 
-def _noting_trial(config, manifest, tracking, base_config=None):
+def _noting_trial(config, settings, tracking, base_config=None):
     """trial_main, pausing 0.3 s a step and noting `<node ip> <step>` at each checkpoint, so that the
     test knows when the trial on the victim node has one."""
     import ray
@@ -36,7 +36,7 @@ def _noting_trial(config, manifest, tracking, base_config=None):
 
     from orchestration.trial import run_trial
 
-    note = Path(manifest.work_dir) / "nodes" / f"t{int(config['optuna_trial']):03d}"
+    note = Path(settings.work_dir) / "nodes" / f"t{int(config['optuna_trial']):03d}"
     note.parent.mkdir(parents=True, exist_ok=True)
     ip = ray.util.get_node_ip_address()
 
@@ -48,7 +48,7 @@ def _noting_trial(config, manifest, tracking, base_config=None):
             with note.open("a") as f:
                 f.write(f"{ip} {step}\n")
 
-    run_trial(config, manifest, tracking, tune.report, tune.get_checkpoint, tune.Checkpoint,
+    run_trial(config, settings, tracking, tune.report, tune.get_checkpoint, tune.Checkpoint,
               callbacks=(Note(),), base_config=base_config)
 
 
@@ -113,7 +113,7 @@ def test_trials_of_a_killed_node_finish_elsewhere_from_their_checkpoints(ray_clu
     assert [x.step for x in client.get_metric_history(victim.info.run_id, "eval/mIoU")] == [10, 20, 30]
 
 
-def _failing_trial(config, manifest, tracking, base_config=None):
+def _failing_trial(config, settings, tracking, base_config=None):
     raise RuntimeError("this trial always fails")
 
 

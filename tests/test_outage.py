@@ -69,7 +69,7 @@ def test_tracker_waits_out_an_outage_longer_than_the_client_retries(tmp_path, ml
         server.stop()
 
 
-def _slow_trial(config, manifest, tracking, base_config=None):
+def _slow_trial(config, settings, tracking, base_config=None):
     """trial_main with a 0.3 s pause per step, so that both trials are still training during the outage."""
     from ray import tune
 
@@ -79,7 +79,7 @@ def _slow_trial(config, manifest, tracking, base_config=None):
         def on_step(self, step, metrics):
             time.sleep(0.3)
 
-    run_trial(config, manifest, tracking, tune.report, tune.get_checkpoint, tune.Checkpoint,
+    run_trial(config, settings, tracking, tune.report, tune.get_checkpoint, tune.Checkpoint,
               callbacks=(Slow(),), base_config=base_config)
 
 

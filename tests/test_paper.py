@@ -143,7 +143,7 @@ def test_every_cell_config_validates_as_the_trial_builds_it(table, loaded, tmp_p
     if lt.spec.runs_from:
         return
     for spec in trial_specs(lt)[:: len(lt.spec.seeds)]:  # one seed per cell: what a Ray trial would train
-        built = build_trial_config(spec.manifest, spec.overrides, spec.seed, tmp_path / spec.key, spec.key)
+        built = build_trial_config(spec.settings, spec.overrides, spec.seed, tmp_path / spec.key, spec.key)
         rc = next(c for c in lt.cells if c.id == spec.cell)
         for section in ("model", "data", "host", "s4mc", "eval"):
             assert built[section] == rc.config[section], (spec.key, section)

@@ -188,14 +188,14 @@ def test_overhead_is_the_share_of_wall_time_with_no_trial_training():
 # --------------------------------------------------------------------------------------------------
 # Real sweeps (services)
 # --------------------------------------------------------------------------------------------------
-def killing_trial(config, manifest, tracking, base_config=None):
+def killing_trial(config, settings, tracking, base_config=None):
     """trial_main plus a callback that SIGKILLs the worker after step 4 of the first trial to get there
     (it passed ASHA's only rung, at evaluation 1 of 2), once: Ray must retry it from the step-3 checkpoint."""
     from ray import tune
 
     from orchestration.trial import run_trial
 
-    marker = Path(manifest.work_dir) / "killed"
+    marker = Path(settings.work_dir) / "killed"
 
     class KillOnce:
         def on_step(self, step, metrics):
@@ -207,7 +207,7 @@ def killing_trial(config, manifest, tracking, base_config=None):
                 marker.write_text(f"optuna_trial={config['optuna_trial']}")
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    run_trial(config, manifest, tracking, tune.report, tune.get_checkpoint, tune.Checkpoint,
+    run_trial(config, settings, tracking, tune.report, tune.get_checkpoint, tune.Checkpoint,
               callbacks=(KillOnce(),), base_config=base_config)
 
 
