@@ -198,7 +198,7 @@ def write_outputs(result, m, manifest_path: str | None, echo=print) -> list[Path
     flat = []
     for row in rows:
         base = {k: v for k, v in row.items() if k not in ("params", "segments", "per_seed")}
-        flat.append({**base, **{f"param:{k}": v for k, v in row["params"].items()}})
+        flat.append({**base, **{f"param.{k}": v for k, v in row["params"].items()}})
     header = list(dict.fromkeys(k for row in flat for k in row))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header)

@@ -46,6 +46,7 @@ SECRET_KEY = re.compile(r"secret|passw|token|credential|api[_-]?key|access[_-]?k
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")  # user:password@ inside URIs
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # MLflow's allowed key characters (validation.py)
 TAG_ROLE, TAG_SWEEP, TAG_TRIAL_KEY, TAG_PARENT = "s4mc.role", "sweep_name", "trial_key", "mlflow.parentRunId"
+PARAM_PREFIX = "param."  # a trial's sampled parameters: MLflow tags and results.csv columns "param.<key>"
 QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}  # docs/platform.md
 
 

@@ -301,11 +301,12 @@ def _tracker(m: TrialSettings, tracking: dict | None, key: str, number: int, cfg
              params: dict[str, Any]):
     if not tracking:
         return None
+    from orchestration.tracking import PARAM_PREFIX
     from orchestration.trial_tracker import TrialTracker
 
     # A paper table's trial number is its seed, not an Optuna trial (orchestration/keys.py).
     number_tag = {"optuna_trial": number} if tracking.kind == "sweep" else {}
-    tags = {"sweep_name": m.name, **number_tag, **{f"param.{k}": v for k, v in params.items()}}
+    tags = {"sweep_name": m.name, **number_tag, **{f"{PARAM_PREFIX}{k}": v for k, v in params.items()}}
     prefix = f"{m.storage.rstrip('/')}/best/{key}" if m.storage.startswith("s3://") else None
     return TrialTracker(tracking.uri, tracking.experiment_id, tracking.parent_run_id, key, key, cfg,
                         tags, checkpoint_prefix=prefix)

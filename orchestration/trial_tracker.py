@@ -31,6 +31,7 @@ from orchestration.storage import S3Storage, is_s3_uri
 from orchestration.tracking import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_TAGS_PER_BATCH,
+    PARAM_PREFIX,
     SAMPLES_LOGGED,
     TAG_PARENT,
     TAG_ROLE,
@@ -235,7 +236,7 @@ class TrialTracker:
 
     def _register_best(self, best: Path, config: Path | None, failures: list[str]) -> None:
         step, metrics = best_eval_row(self.run_dir / "eval.csv" if self.run_dir else None)
-        params = {k[len("param."):]: v for k, v in self.extra_tags.items() if k.startswith("param.")}
+        params = {k[len(PARAM_PREFIX):]: v for k, v in self.extra_tags.items() if k.startswith(PARAM_PREFIX)}
         try:
             retry_locked(log_best_model, self.client, self.experiment_id, self.run_id, f"{self.trial_key}-best",
                          best, config, self._last_step if step is None else step, metrics, params)

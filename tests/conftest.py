@@ -28,6 +28,19 @@ os.environ.update({
 os.environ["NO_PROXY"] = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
 
 
+@pytest.fixture(autouse=True)
+def _tracking_uri_stays_per_test():
+    """orchestration.tracking.configure sets MLFLOW_TRACKING_URI process-wide (for child processes), and
+    a manifest takes that variable over its own tracking.uri: without this, one test's (stopped) server
+    or store would become the next test's."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 # =====================================================================================================
 # 2. Object storage (moto) and MLflow tracking servers
 # =====================================================================================================

@@ -29,8 +29,8 @@ OVERRIDES = ["train.steps=30", "train.eval_every=10", "train.log_every=5", "data
 
 
 def _noting_trial(config, settings, tracking, base_config=None):
-    """trial_main, pausing 0.3 s a step and noting `<node ip> <step>` at each checkpoint, so that the
-    test knows when the trial on the victim node has one."""
+    """trial_main, pausing 0.3 s a step and noting `<node ip> <step>` once each evaluation was reported
+    with its checkpoint, so that the test knows when the trial on the victim node has one."""
     import ray
     from ray import tune
 
@@ -44,7 +44,7 @@ def _noting_trial(config, settings, tracking, base_config=None):
         def on_step(self, step, metrics):
             time.sleep(0.3)
 
-        def on_checkpoint(self, step, path, is_best):
+        def on_eval(self, step, metrics):  # after the Ray reporter's on_eval: the report with its checkpoint
             with note.open("a") as f:
                 f.write(f"{ip} {step}\n")
 
@@ -85,6 +85,7 @@ def test_trials_of_a_killed_node_finish_elsewhere_from_their_checkpoints(ray_clu
                 for note in notes.glob("t*") if notes.is_dir() else []:
                     if any(line.startswith(VICTIM_IP) for line in note.read_text().splitlines()):
                         killed["trial"] = note.name
+                        time.sleep(2.0)  # the driver takes the report (and so the checkpoint) in first
                         stop_ray_processes([VICTIM_TEMP], grace_s=0.0)  # SIGTERM, then SIGKILL at once
                         return
                 time.sleep(0.2)

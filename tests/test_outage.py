@@ -84,7 +84,7 @@ def _slow_trial(config, settings, tracking, base_config=None):
 
 
 @pytest.mark.services
-def test_sweep_loses_nothing_in_a_30s_tracking_outage(ray_cluster, tmp_path, mlflow_db_copy):
+def test_sweep_loses_nothing_in_a_30s_tracking_outage(ray_cluster, tmp_path, mlflow_db_copy, monkeypatch):
     from mlflow import MlflowClient
     from ray import cloudpickle
 
@@ -101,7 +101,9 @@ def test_sweep_loses_nothing_in_a_30s_tracking_outage(ray_cluster, tmp_path, mlf
                                      "data.embedded.image_size=32", "data.crop_size=32", "model.width=0.25",
                                      "eval.batch_size=16", "model.pretrained=null", "train.sup_only_steps=0"],
                           scheduler={"name": "fifo"}, ray={"address": ray_cluster})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # earlier tests set it (tracking.configure)
     m = load_manifest(path)
+    assert m.tracking.uri == servers[0].url
     client = MlflowClient(servers[0].url)
     outage: dict[str, float] = {}
 
@@ -128,7 +130,7 @@ def test_sweep_loses_nothing_in_a_30s_tracking_outage(ray_cluster, tmp_path, mlf
         result = run_sweep(m, manifest_path=str(path), trainable=_slow_trial, echo=lambda *_: None)
         ended = time.monotonic()
         cutter.join(timeout=5)
-        assert outage.get("start", ended) < ended, "the outage did not happen while the sweep ran"
+        assert outage.get("start", ended) < ended, f"the outage did not happen while the sweep ran: {outage}"
         assert outage.get("end", 0) - outage.get("start", 0) >= OUTAGE_S - 1, (outage, result.rows)
         assert not result.errors and not result.interrupted
         client = MlflowClient(servers[-1].url)

@@ -4,6 +4,9 @@ tests/test_cluster_stack.py, which greps every output of a real sweep)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from orchestration import secrets
@@ -73,10 +76,15 @@ def test_scrub_masks_userinfo_and_environment_secrets(clean_env):
 
 def test_ray_tune_no_longer_propagates_aws_keys(clean_env):
     ray_cc = pytest.importorskip("ray.tune.execution.class_cache")
-    clean_env.setattr(ray_cc, "ENV_VARS_TO_PROPAGATE", set(ray_cc.ENV_VARS_TO_PROPAGATE))
+    # Ray 2.60's default propagates the keys (the leak). Asked in a fresh process: in this one an earlier
+    # test's sweep may already have narrowed the set (apply_env does).
+    default = subprocess.run([sys.executable, "-c", "from ray.tune.execution import class_cache as c; "
+                              "print('AWS_SECRET_ACCESS_KEY' in c.ENV_VARS_TO_PROPAGATE)"],
+                             capture_output=True, text=True, timeout=120)
+    assert default.stdout.strip() == "True", default.stderr[-1000:]
+    clean_env.setattr(ray_cc, "ENV_VARS_TO_PROPAGATE", set(ray_cc.ENV_VARS_TO_PROPAGATE) | secrets.RAY_PROPAGATED_AWS)
     clean_env.setenv("AWS_ACCESS_KEY_ID", "AKIAPROPAGATE0001")
     clean_env.setenv("AWS_SECRET_ACCESS_KEY", "propagated-secret")
-    assert "AWS_SECRET_ACCESS_KEY" in ray_cc.ENV_VARS_TO_PROPAGATE  # Ray 2.60's default: the leak
 
     secrets.keep_credentials_out_of_ray()
 
