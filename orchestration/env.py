@@ -32,12 +32,11 @@ LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disable
 
 
 def apply_env(local_ray: bool) -> None:
-    """Sets the quiet defaults, moves URI-embedded passwords into the environment and keeps AWS keys out
-    of Ray's trial runtime environments (orchestration/secrets.py); Ray is imported only after the
-    variables are set."""
+    """Sets the quiet defaults and moves URI-embedded passwords into the environment (orchestration/
+    secrets.py); Ray is imported only after the variables are set. AWS keys are kept out of Ray's trial
+    runtime environments where Ray is started (orchestration/execution.py, `init_ray`)."""
     for key, value in {**QUIET_ENV, **(LOCAL_ENV if local_ray else {})}.items():
         os.environ.setdefault(key, value)
     from orchestration import secrets
 
     secrets.secure_environment()
-    secrets.keep_credentials_out_of_ray()

@@ -141,8 +141,10 @@ def init_ray(ray_cfg: RayManifestConfig) -> None:
     import ray
 
     from orchestration.env import apply_env
+    from orchestration.secrets import keep_credentials_out_of_ray
 
     apply_env(local_ray=not ray_cfg.address)  # the CLI did this before importing Ray; again for library use
+    keep_credentials_out_of_ray()  # before any Tuner registers a trainable (orchestration/secrets.py)
     if ray.is_initialized():
         return
     if ray_cfg.address:

@@ -224,7 +224,7 @@ def _range_values(where: str, p: ParamConfig) -> list[Any]:
 def _check_values(where: str, p: ParamConfig, base: DictConfig, values: list[Any]) -> None:
     for value in values:  # every choice / bound must give a valid training config
         try:
-            load_config(None, base=OmegaConf.merge(base, _dotted(p.key, value)))
+            load_config(None, base=OmegaConf.merge(base, as_layer({p.key: value})))
         except ConfigError as exc:
             raise ConfigError(f"{where}: value {value!r} gives an invalid training config: {exc}") from None
         except OmegaConfBaseException as exc:
@@ -258,13 +258,6 @@ def _check_param(i: int, p: ParamConfig, train_schema: DictConfig, base: DictCon
     _check_values(where, p, base, values)
     if p.when is not None:
         _check_when(where, p.when, base, earlier, all_keys)
-
-
-def _dotted(key: str, value: Any) -> DictConfig:
-    node: Any = value
-    for part in reversed(key.split(".")):
-        node = {part: node}
-    return OmegaConf.create(node)
 
 
 def base_training_config(m: Manifest) -> DictConfig:

@@ -29,7 +29,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from orchestration.manifest import RayManifestConfig, ResourcesConfig, TrackingConfig
-from s4mc.config import ConfigError, config_layers, flatten, load_config, parse_overrides, read_yaml
+from s4mc.config import ConfigError, as_layer, config_layers, flatten, load_config, parse_overrides, read_yaml
 from s4mc.data.splits import DEFAULT_SPLITS_DIR, file_sha256
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -303,17 +303,6 @@ def estimate_gpu_hours(cfg: DictConfig, cell: Cell, budget: Budget, splits_dir: 
     return steps * (grad + NO_GRAD_COST * no_grad) / img_per_s / 3600
 
 
-def _nested(dotted: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in dotted.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
 def _project(t: PaperTable, path: Path) -> Path:
     if t.project:
         return Path(t.project).expanduser().resolve()
@@ -365,7 +354,7 @@ def load_table(table: str | Path, overrides: list[str] | tuple[str, ...] = (), *
                   {k: v for k, v in machine.items() if v is not None}]
         dotted = {k: v for layer in layers for k, v in layer.items()}
         try:
-            cfg = load_config(None, base=OmegaConf.merge(base_cfg, _nested(dotted)))
+            cfg = load_config(None, base=OmegaConf.merge(base_cfg, as_layer(dotted)))
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         except OmegaConfBaseException as exc:  # an unknown or ill-typed training key in overrides

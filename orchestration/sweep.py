@@ -14,6 +14,7 @@ results.md and summary.json in the sweep folder (timing is defined in orchestrat
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -127,7 +128,7 @@ def run_sweep(m: Manifest, resume: bool = False, manifest_path: str | None = Non
     plan = execution.TrialPlan(
         label=f"sweep {m.name}", trainable=fn, storage=m.storage, resources=m.resources_per_trial,
         max_concurrent=m.max_concurrent, retries=m.retries, metric=m.metric, mode=m.mode, total=m.num_trials,
-        key=TrialName(m.name).key, num_samples=m.num_trials, search_alg=build_searcher(m, base),
+        key=functools.partial(trial_key, m.name), num_samples=m.num_trials, search_alg=build_searcher(m, base),
         scheduler=_scheduler(m, base))
     if restorable:
         echo(f"[sweep {m.name}] resuming {exp_path}")
@@ -203,19 +204,6 @@ def check_resume_compatible(state: dict[str, Any], m: Manifest) -> None:
         raise SweepError(f"cannot resume sweep {m.name!r}: manifest key {k!r} changed since it started "
                          f"(was {json.dumps(saved.get(k))}, now {json.dumps(now.get(k))}); restore it, or "
                          "start a new sweep under another name (only num_trials may change on resume)")
-
-
-class TrialName:
-    """Ray trial name / folder = the stable trial key (a class so that Ray can pickle it)."""
-
-    def __init__(self, sweep: str):
-        self.sweep = sweep
-
-    def __call__(self, trial) -> str:
-        return trial_key(self.sweep, trial.config)
-
-    def key(self, config: dict) -> str:
-        return trial_key(self.sweep, config)
 
 
 def evaluations_per_run(cfg) -> int:

@@ -65,13 +65,6 @@ class TrialSettings:
                    m.retries, m.metric)
 
 
-def _dotted(key: str, value: Any) -> dict:
-    node: Any = value
-    for part in reversed(key.split(".")):
-        node = {part: node}
-    return node
-
-
 def _resolve_uris(cfg: DictConfig) -> None:
     # s4mc/ never imports boto3: object-store URIs become node-local paths here (orchestration/storage.py).
     keys = [k for k in ("data.root", "model.pretrained")
@@ -96,10 +89,9 @@ def build_trial_config(m: TrialSettings | Manifest, params: dict[str, Any], seed
     cfg = OmegaConf.create(base_config) if base_config is not None else config_layers(m.base, [m.overrides])
     threads = [] if "train.threads" in flatten(as_layer(m.overrides)) else [
         # One torch thread per reserved CPU: trials share the machine (docs/platform.md).
-        _dotted("train.threads", max(1, math.ceil(m.resources_per_trial.cpu)))]
-    layers = [_dotted(k, v) for k, v in params.items()] + threads + [
-        _dotted("train.seed", int(seed)), _dotted("train.progress", False),
-        _dotted("run.name", name), _dotted("run.dir", str(run_dir))]
+        {"train.threads": max(1, math.ceil(m.resources_per_trial.cpu))}]
+    layers = [as_layer(layer) for layer in [params, *threads, {
+        "train.seed": int(seed), "train.progress": False, "run.name": name, "run.dir": str(run_dir)}]]
     cfg = load_config(None, base=OmegaConf.merge(cfg, *layers))
     _resolve_uris(cfg)
     return cfg

@@ -77,7 +77,7 @@ def test_scrub_masks_userinfo_and_environment_secrets(clean_env):
 def test_ray_tune_no_longer_propagates_aws_keys(clean_env):
     ray_cc = pytest.importorskip("ray.tune.execution.class_cache")
     # Ray 2.60's default propagates the keys (the leak). Asked in a fresh process: in this one an earlier
-    # test's sweep may already have narrowed the set (apply_env does).
+    # test's sweep may already have narrowed the set (init_ray does).
     default = subprocess.run([sys.executable, "-c", "from ray.tune.execution import class_cache as c; "
                               "print('AWS_SECRET_ACCESS_KEY' in c.ENV_VARS_TO_PROPAGATE)"],
                              capture_output=True, text=True, timeout=120)
