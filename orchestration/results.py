@@ -70,6 +70,8 @@ def collect_rows(grid, study, m) -> list[dict[str, Any]]:
             "node_ips": sorted(set(df["trial/node_ip"].dropna())) if df is not None and "trial/node_ip" in df
             else [],
             "train_s": sum(b - a for a, b in segments),
+            # data and model build inside the trainer (s4mc/train/loop.py), part of train_s
+            "startup_s": _num(metrics.get("trial/startup_s")),
             "error": error_line(r.error),
             "params": sampled_params(config),
             "segments": segments,
@@ -126,7 +128,9 @@ def summarise(rows: list[dict[str, Any]], sessions: list[list[float | None]], co
     segments = _clip([seg for row in rows for seg in row["segments"]], windows)
     busy = _union_length(segments)
     train_sum = sum(b - a for a, b in segments)
+    startups = [row["startup_s"] for row in rows if row.get("startup_s") is not None]
     return {"wall_s": wall, "train_busy_s": busy, "train_sum_s": train_sum,
+            "startup_sum_s": sum(startups), "startup_max_s": max(startups, default=math.nan),
             "overhead_fraction": (wall - busy) / wall if wall > 0 else math.nan,
             "slot_utilisation": train_sum / (wall * concurrency) if wall > 0 else math.nan,
             "sessions": len(windows)}
@@ -212,7 +216,9 @@ def write_outputs(result, m, manifest_path: str | None, echo=print) -> list[Path
                    f"training {timing['train_sum_s']:.1f} s summed over trials, {timing['train_busy_s']:.1f} s "
                    f"wall-clock with >= 1 trial training; orchestration overhead "
                    f"{100 * timing['overhead_fraction']:.1f}% of wall time; trial-slot utilisation "
-                   f"{100 * timing['slot_utilisation']:.1f}% (docs/sweeps.md)")
+                   f"{100 * timing['slot_utilisation']:.1f}%; trial start-up (data and model build, part of "
+                   f"training) {timing['startup_sum_s']:.1f} s summed, at most {timing['startup_max_s']:.1f} s "
+                   f"(docs/sweeps.md)")
     floor = m.noise_floor.value
     marks = paired_marks(rows, noise_marks(rows, m.metric, floor, m.mode))
     noise_text = (f"seed noise floor of the default configuration: {floor:g} {m.metric} ({m.noise_floor.source}); "

@@ -154,6 +154,7 @@ class RayReporter:
         self.checkpoint_cls = checkpoint_cls
         self.tracker, self.rank = tracker, rank
         self.total, self.start_step, self.pending, self.checkpointed = 0, 0, None, None
+        self.startup_s = math.nan
         self.last_step = 0
         self.segment_start = time.time()  # training time = report-free segments (orchestration/results.py)
         import ray
@@ -165,6 +166,7 @@ class RayReporter:
     # exist; the order of on_eval / on_checkpoint is the trainer's business (s4mc/train/loop.py).
     def on_train_start(self, info: dict) -> None:
         self.total, self.start_step = int(info["total_steps"]), int(info["start_step"])
+        self.startup_s = float(info.get("startup_s", math.nan))
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.pending = (step, dict(metrics))
@@ -183,6 +185,7 @@ class RayReporter:
         row = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         row.update({"trial/step": step, "trial/total_steps": self.total,
                     PROGRESS_KEY: step / max(self.total, 1), "trial/resumed_from": self.start_step,
+                    "trial/startup_s": self.startup_s,
                     "trial/segment_start": self.segment_start, "trial/time": time.time(),
                     "trial/node_ip": self.node_ip, "trial/key": self.key})
         self.last_step = step

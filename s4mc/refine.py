@@ -6,11 +6,12 @@ class by the chosen rule, the update p~ <- p~ + beta_v * (p_c(v) - J(p~, p_c(v))
 top k of them, starting from p~ = p. With the defaults (3x3 window, k = 1, beta = 1, independent
 joint, max selection) this is the paper's p~_c(u) = max_v [p_c(u) + p_c(v) - p_c(u) p_c(v)].
 The general implementation streams over the neighbour offsets and keeps only a running top-k per
-class (k slots of key, neighbour score and weight), so memory is O(k * B*C*H*W) and never the
-O(N * B*C*H*W) of stacking all N shifted copies (N = 48 for 7x7). The paper default takes a fast
-path with the same bits: one separable neighbour maximum (docs/performance.md). Neighbours outside
-the image or where ``valid`` is False do not exist: they are never selected and never count as
-probability 0.
+class (k slots of key, and of weight or score where the key cannot give them back), so memory is
+O(k * B*C*H*W) and never the O(N * B*C*H*W) of stacking all N shifted copies (N = 48 for 7x7); it
+selects with maxima, minima and 0 / 1 ``lerp`` weights, as CPU ``torch.where`` is ~30x slower. The
+paper default takes a fast path with the same bits: one separable neighbour maximum
+(docs/performance.md). Neighbours outside the image or where ``valid`` is False do not exist: they
+are never selected and never count as probability 0.
 ``estimate_cooccurrence`` measures E_c, the probability that a neighbour of a class-c pixel is also
 class c, from labelled masks; it feeds the "expected" joint of any data set (docs/method.md §3).
 """
@@ -124,7 +125,8 @@ def refine(
     if k == 1 and selection == "max" and joint == "independent" and beta == "one" and not (
             _force_general or needs_grad):
         return _refine_max_neighbour(p, valid, neighbourhood).to(probs.dtype)
-    slot_q, slot_b = _top_k_neighbours(p, valid, neighbour_offsets(neighbourhood), k, beta, selection, generator)
+    slot_q, slot_b = _top_k_neighbours(p, valid, neighbour_offsets(neighbourhood), k, beta, selection, generator,
+                                       grad=needs_grad)
     out = p
     for q, b in zip(slot_q, slot_b, strict=True):
         joint_prob = out * q
@@ -137,52 +139,115 @@ def refine(
 
 
 def _top_k_neighbours(p: Tensor, valid: Tensor | None, offsets: list[tuple[int, int]], k: int, beta: str,
-                      selection: str, generator: torch.Generator | None) -> tuple[list[Tensor], list[Tensor]]:
-    """The k selected neighbours' scores q and weights beta per pixel and class, in selection order."""
+                      selection: str, generator: torch.Generator | None,
+                      grad: bool = False) -> tuple[list[Tensor], list[Tensor]]:
+    """The k selected neighbours' scores q and weights beta per pixel and class, in selection order.
+
+    A running top-k over the offsets (``_RunningTopK``) of a key: the neighbour's score ("max"), its
+    negation ("min") or a random draw ("random", one per pixel, shared by its classes), and -inf
+    where the neighbour does not exist.
+    """
     B, C, H, W = p.shape
-    device, dtype = p.device, p.dtype
     r = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
-    # One padded copy of p: every shifted neighbour map below is then a view, not a copy. The pad
-    # value never matters because exists() is False there.
-    p_pad = torch.nn.functional.pad(p, (r, r, r, r))
-    exists_pad = torch.zeros((B, 1, H + 2 * r, W + 2 * r), dtype=torch.bool, device=device)
-    exists_pad[:, 0, r:r + H, r:r + W] = True if valid is None else valid
-
-    # Running top-k, sorted by descending key: slot i holds the (i+1)-th selected neighbour's key,
-    # score q and weight beta (0 = "no neighbour", so the update below is a no-op for it).
-    # Random keys are one per pixel (shared by all classes), so its slots can stay B x 1 x H x W.
-    key_shape = (B, 1, H, W) if selection == "random" else (B, C, H, W)
-    # torch.full, not torch.tensor: a fill kernel instead of a host-to-device copy per call.
-    neg_inf = torch.full((), -math.inf, dtype=dtype, device=device)
-    slot_key = [torch.full(key_shape, -math.inf, dtype=dtype, device=device) for _ in range(k)]
-    slot_q = [torch.zeros((B, C, H, W), dtype=dtype, device=device) for _ in range(k)]
-    slot_b = [torch.zeros(key_shape, dtype=dtype, device=device) for _ in range(k)]
-    gen_device = generator.device if generator is not None else device
-
+    shared_key = selection == "random"
+    # 0 inside the image at valid pixels, -inf elsewhere: added to a finite key it makes the
+    # neighbours that do not exist lose every comparison (exactly: x + 0 == x).
+    bias = p.new_full((B, 1, H + 2 * r, W + 2 * r), -math.inf)
+    inner = bias[:, :, r:r + H, r:r + W]
+    inner.zero_() if valid is None else inner.masked_fill_(valid[:, None], 0.0)
+    if shared_key:
+        q_pad = torch.nn.functional.pad(p, (r, r, r, r))  # pad value never selected: its key is -inf
+        key_pad = bias
+    else:
+        key_pad = torch.nn.functional.pad(p if selection == "max" else -p, (r, r, r, r)).add_(bias)
+    key_shape = (B, 1, H, W) if shared_key else (B, C, H, W)
+    # "one" with max / min needs no weight beside the key: b = 1 exactly where a key exists.
+    top = _RunningTopK(p, key_shape, k, carry_b=beta == "decay" or shared_key, carry_q=shared_key, grad=grad)
+    gen_device = generator.device if generator is not None else p.device
     for dy, dx in offsets:
-        q = p_pad[:, :, r + dy:r + dy + H, r + dx:r + dx + W]
-        exists = exists_pad[:, :, r + dy:r + dy + H, r + dx:r + dx + W]
-        if selection == "random":
+        window = (slice(None), slice(None), slice(r + dy, r + dy + H), slice(r + dx, r + dx + W))
+        key, q = key_pad[window], None
+        if shared_key:
             # Drawn for every offset whether or not it exists, so the random stream (and with it the
             # result) depends only on the shape and the generator state.
             raw = torch.rand(key_shape, generator=generator, device=gen_device, dtype=torch.float32)
-            key = torch.where(exists, raw.to(device=device, dtype=dtype), neg_inf)
-        else:
-            key = torch.where(exists, q if selection == "max" else -q, neg_inf)
-        b = exists.to(dtype) * neighbour_weight(dy, dx, beta)
-        # Insertion into the sorted slots. Strict ">" keeps the earlier offset on ties, which makes
-        # the order deterministic; a displaced entry moves down to compete for the next slot.
-        for i in range(k):
-            swap = key > slot_key[i]
-            new_key = torch.where(swap, key, slot_key[i])
-            new_q = torch.where(swap, q, slot_q[i])
-            new_b = torch.where(swap, b, slot_b[i])
-            if i + 1 < k:
-                key = torch.where(swap, slot_key[i], key)
-                q = torch.where(swap, slot_q[i], q)
-                b = torch.where(swap, slot_b[i], b)
-            slot_key[i], slot_q[i], slot_b[i] = new_key, new_q, new_b
-    return slot_q, slot_b
+            key, q = raw.to(device=p.device, dtype=p.dtype).add_(key), q_pad[window]
+        top.insert(key, neighbour_weight(dy, dx, beta), q)
+    return top.scores_and_weights(selection)
+
+
+class _RunningTopK:
+    """Slots 0..k-1 of the largest keys so far per pixel (and class), with what the keys cannot give
+    back carried beside them: the weight beta (``carry_b``) and the neighbour score (``carry_q``).
+
+    Insertion is a sorting network of maxima and minima; the entry a new key displaces moves down to
+    compete for the next slot. The carried values follow by ``lerp`` with a 0 / 1 weight, which
+    selects finite values exactly, because CPU ``torch.where`` costs ~30 elementwise passes
+    (docs/performance.md). Tied keys rank the earlier offset first, as in a stable sort: tied
+    neighbours at different distances have different weights. Every value is written into buffers
+    allocated once (out=): a fresh 1.4 MB tensor per operation cost page faults that took longer than
+    the operation itself; under autograd, which cannot follow out=, each result is a new tensor.
+    """
+
+    def __init__(self, p: Tensor, key_shape: tuple[int, ...], k: int, carry_b: bool, carry_q: bool, grad: bool):
+        self.p, self.k, self.carry_b, self.carry_q = p, k, carry_b, carry_q
+        self.own = (lambda t: None) if grad else (lambda t: t)
+        self.key = [p.new_full(key_shape, -math.inf) for _ in range(k)]
+        self.spare_key, self.down_key = p.new_empty(key_shape), p.new_empty(key_shape)
+        if carry_b:
+            self.b = [p.new_zeros(key_shape) for _ in range(k)]
+            self.spare_b, self.down_b, self.swap = (p.new_empty(key_shape) for _ in range(3))
+            self.wins, self.ties, self.displaced = (torch.empty(key_shape, dtype=torch.bool, device=p.device)
+                                                    for _ in range(3))
+        if carry_q:
+            self.q = [torch.zeros_like(p) for _ in range(k)]
+            self.spare_q, self.down_q = torch.empty_like(p), torch.empty_like(p)
+
+    def insert(self, key: Tensor, weight: float, q: Tensor | None) -> None:
+        b = self.p.new_full((), weight).expand(key.shape) if self.carry_b else None
+        for i in range(self.k):
+            last = i + 1 == self.k
+            if self.carry_b:
+                self._mark_swaps(key, i, last)
+                b, self.spare_b = _exchange(self.b, i, b, self.swap, self.own(self.spare_b), self.own(self.down_b),
+                                            last)
+                if self.carry_q:
+                    q, self.spare_q = _exchange(self.q, i, q, self.swap, self.own(self.spare_q),
+                                                self.own(self.down_q), last)
+            new_key = torch.maximum(self.key[i], key, out=self.own(self.spare_key))
+            if not last:
+                key = torch.minimum(self.key[i], key, out=self.own(self.down_key))
+            self.key[i], self.spare_key = new_key, self.key[i]
+
+    def _mark_swaps(self, key: Tensor, i: int, last: bool) -> None:
+        """swap = 1 where the carried entry takes slot i: the new offset needs ">"; an entry displaced
+        from a slot above is older than any tie below it and needs ">="."""
+        torch.gt(key, self.key[i], out=self.wins)
+        if i > 0:
+            self.wins.logical_or_(torch.eq(key, self.key[i], out=self.ties).logical_and_(self.displaced))
+        if not last:
+            self.displaced.copy_(self.wins) if i == 0 else self.displaced.logical_or_(self.wins)
+        self.swap.copy_(self.wins)
+
+    def scores_and_weights(self, selection: str) -> tuple[list[Tensor], list[Tensor]]:
+        """(q, b) per slot. A slot that never got a neighbour keeps -inf and weight 0: q = 0 there, so
+        its update is a no-op."""
+        b = self.b if self.carry_b else [torch.gt(s, -math.inf).to(self.p.dtype) for s in self.key]
+        if self.carry_q:
+            return self.q, b
+        if selection == "max":
+            return [s.nan_to_num(nan=math.nan, posinf=math.inf, neginf=0.0) for s in self.key], b
+        return [torch.neg(s).nan_to_num_(nan=math.nan, posinf=0.0, neginf=-math.inf) for s in self.key], b
+
+
+def _exchange(slots: list[Tensor], i: int, carried: Tensor, swap: Tensor, spare: Tensor | None,
+              down: Tensor | None, last: bool) -> tuple[Tensor | None, Tensor]:
+    """Slot i takes ``carried`` where ``swap`` is 1; returns the entry that moves down (into ``down``)
+    and the spare buffer (the slot's old one)."""
+    new = torch.lerp(slots[i], carried, swap, out=spare)
+    moving = None if last else torch.lerp(carried, slots[i], swap, out=down)
+    slots[i], old = new, slots[i]
+    return moving, old
 
 
 def _refine_max_neighbour(p: Tensor, valid: Tensor | None, neighbourhood: str) -> Tensor:

@@ -3,7 +3,8 @@
 Not a test: it prints measured times and ratios and, with --json, writes them. In one run:
 - one full training step of the configured host with S4MC on (data already fetched; forward,
   backward, optimizer, EMA) and the time the data path takes to deliver one labeled + unlabeled pair;
-- the `PseudoLabeler` call for each neighbourhood, and for 3x3 each of its parts;
+- the `PseudoLabeler` call for each neighbourhood, and for 3x3 each of its parts; the general path
+  (k = 2, expected joint, decaying weights) as the default sweep samples it;
 - the same tensors through our re-implementations of the two released formulations
   (scripts/bench_released.py);
 - the memory-bandwidth limit: the bytes the pseudo-labelling must read and write, and a plain copy
@@ -99,6 +100,14 @@ def pl_fns(cfg, overrides, probs, valid, gt, device) -> dict:
     for hood in NEIGHBOURHOODS:
         labeler = build_pseudo_labeler(load_config(cfg, overrides + [f"s4mc.neighbourhood={hood}"]), None)
         fns[f"pl_{hood}"] = lambda labeler=labeler: labeler(probs, valid, 0.1, gt=gt)
+    # The general path (k > 1, decaying weights, the expected joint), which the default sweep samples.
+    for hood in ("4", "3x3", "5x5"):
+        general = [f"s4mc.neighbourhood={hood}", "s4mc.k=2", "s4mc.joint=expected"]
+        general += [] if hood == "4" else ["s4mc.beta=decay"]
+        cooc = torch.full((probs.shape[1],), 0.9, device=device)
+        labeler = build_pseudo_labeler(load_config(cfg, overrides + general), cooc)
+        fns[f"pl_{hood}_k2_expected{'' if hood == '4' else '_decay'}"] = (
+            lambda labeler=labeler: labeler(probs, valid, 0.1, gt=gt))
     kind = load_config(cfg, overrides).s4mc.confidence
     _, kappa = label_and_confidence(probs, kind)
     refined = refine(probs, valid=valid)

@@ -87,6 +87,20 @@ def test_matches_reference_all_options(neighbourhood, selection):
                                        err_msg=f"{k} {beta} {joint} valid={v is not None}")
 
 
+@pytest.mark.parametrize("neighbourhood", ["3x3", "5x5"])
+def test_ties_keep_the_earlier_offset(neighbourhood):
+    # Scores on a grid of eighths tie often (exact 0 and 1 included); with decay the tied neighbours
+    # have different weights, so the slot that keeps the earlier offset (the reference's stable sort)
+    # decides the value. The general path carries the weights beside max / min keys.
+    p = (rand_probs(2, 3, 6, 7, seed=11) * 8).round() / 8
+    valid = rand_valid(2, 6, 7, seed=11)
+    for k, selection, v in itertools.product([1, 2, 3], ["max", "min"], [None, valid]):
+        got = refine(p, neighbourhood=neighbourhood, k=k, beta="decay", joint="expected", selection=selection,
+                     cooccurrence=E3, valid=v)
+        ref = ref_refine(p, v, neighbourhood, k, "decay", "expected", selection, E3)
+        np.testing.assert_allclose(got.numpy(), ref, atol=1e-12, err_msg=f"{k} {selection} {v is not None}")
+
+
 @pytest.mark.parametrize("shape", [(1, 6), (6, 1), (1, 1), (2, 2)])
 @pytest.mark.parametrize("neighbourhood", NEIGHBOURHOODS)
 def test_degenerate_shapes_match_reference(shape, neighbourhood):

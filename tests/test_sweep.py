@@ -179,10 +179,12 @@ def test_restore_requeues_a_trial_asked_after_the_last_checkpoint(tmp_path):
 def test_overhead_is_the_share_of_wall_time_with_no_trial_training():
     from orchestration.results import summarise
 
-    rows = [{"segments": [(10.0, 20.0), (22.0, 30.0)]}, {"segments": [(15.0, 25.0)]}]
+    rows = [{"segments": [(10.0, 20.0), (22.0, 30.0)], "startup_s": 3.0}, {"segments": [(15.0, 25.0)],
+                                                                          "startup_s": None}]
     t = summarise(rows, [[0.0, 40.0]], concurrency=2)
     assert t["wall_s"] == 40.0 and t["train_sum_s"] == 28.0 and t["train_busy_s"] == 20.0
     assert t["overhead_fraction"] == pytest.approx(0.5) and t["slot_utilisation"] == pytest.approx(28 / 80)
+    assert t["startup_sum_s"] == 3.0 and t["startup_max_s"] == 3.0  # a trial without the figure is left out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,6 +266,7 @@ def test_sweep_tracks_every_trial_in_mlflow_and_optuna(tiny_sweep):
         assert (result.sweep_dir / name).is_file()
     summary = json.loads((result.sweep_dir / "summary.json").read_text())
     assert 0.0 <= summary["timing"]["overhead_fraction"] < 1.0 and summary["timing"]["train_busy_s"] > 0
+    assert 0.0 < summary["timing"]["startup_max_s"] <= summary["timing"]["startup_sum_s"]
     assert "best configuration: tiny-t" in out and "make ui MANIFEST=" in out and "| pl/quality |" in out
     # The four study plots (orchestration/study_plots.py), in the folder and on the parent run.
     plots = {f"study_{n}.{e}" for n in ("parallel_coordinate", "param_importances", "intermediate_values",

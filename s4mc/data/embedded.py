@@ -8,13 +8,18 @@ labelled background, so colour and stroke shape alone do not solve the task), th
 The 1,797 scans are partitioned three ways, stratified by class: a *pretraining* share that is never
 pasted into any scene (the encoder's offline ImageNet analogue, ``s4mc.pretrain``), the training-scene
 share (labeled and unlabeled pools) and the validation share. Generation is a pure function of its
-arguments (per-scene ``numpy`` PCG64 streams), bit-identical across runs, and nothing is cached.
+arguments (per-scene ``numpy`` PCG64 streams), bit-identical across runs. Within one process the
+last two data sets are kept (``make_embedded``), so a Ray actor that runs trial after trial renders
+them once; nothing is cached on disk.
 """
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,14 +47,27 @@ DIGIT_THRESHOLD = 0.4  # ours: upscaled intensity (0..1) above which a pixel is 
 _SPLIT_CODE = {"train": 0, "val": 1}
 
 
+def digits_file() -> Path:
+    """scikit-learn's copy of the digit scans (``load_digits`` reads the same file).
+
+    Located without importing scikit-learn, whose import took 2.0 s of every trial's start-up
+    (docs/performance.md); ``tests/test_data.py`` checks that the values equal ``load_digits``'."""
+    spec = importlib.util.find_spec("sklearn")
+    path = None if spec is None or not spec.submodule_search_locations else (
+        Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz")
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"the embedded data set needs scikit-learn's digits.csv.gz (looked at {path}); "
+                                "install the project (make setup), which brings scikit-learn")
+    return path
+
+
 @lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
+    with gzip.open(digits_file(), "rt") as f:
+        data = np.loadtxt(f, delimiter=",")
     # Scans are 0..16; a one-pixel zero border makes upscaled strokes fade out at the patch edge.
-    images = np.pad(d.images / 16.0, ((0, 0), (1, 1), (1, 1))).astype(np.float32)
-    return images, d.target.astype(np.int64)
+    images = np.pad(data[:, :-1].reshape(-1, 8, 8) / 16.0, ((0, 0), (1, 1), (1, 1))).astype(np.float32)
+    return images, data[:, -1].astype(np.int64)
 
 
 def digit_partition(seed: int = 0) -> dict[str, np.ndarray]:
@@ -310,11 +328,18 @@ class EmbeddedData:
 
 def make_embedded(image_size: int = 64, num_train: int = 2000, num_val: int = 300,
                   seed: int = 0) -> EmbeddedData:
-    """Generate the embedded data set (~2 s for the defaults on one core; see tests/test_data.py).
+    """Generate the embedded data set (3.3 s for the defaults on one core, docs/performance.md).
 
     Scene i of a split depends only on (seed, split, i, image_size), not on ``num_train`` /
-    ``num_val``: a smaller set is a prefix of a larger one.
+    ``num_val``: a smaller set is a prefix of a larger one. A repeated call with the same arguments
+    returns the same object (its tensors are read-only by convention, as every reader's are): the
+    trials a Ray actor runs one after another skip the rendering (docs/performance.md).
     """
+    return _make_embedded(int(image_size), int(num_train), int(num_val), int(seed))
+
+
+@lru_cache(maxsize=2)  # ~35 MB each at the defaults
+def _make_embedded(image_size: int, num_train: int, num_val: int, seed: int) -> EmbeddedData:
     if image_size < 32:
         raise ValueError(f"image_size={image_size}: need >= 32 so that digits stay legible")
     if num_train < 1 or num_val < 1:

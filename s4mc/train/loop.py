@@ -102,6 +102,7 @@ class _Loop:
     the timing and the best evaluation so far. `run_training` drives it step by step."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, callbacks, resume: bool):
+        t_start = time.perf_counter()
         self.cfg, self.run_dir, self.ckpt_dir = cfg, run_dir, run_dir / "checkpoints"
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.is_main = self.rank == 0
@@ -119,7 +120,10 @@ class _Loop:
             write_versions(run_dir / "versions.json", self.device, run.pretrained_path)
         self.writer = MetricsWriter(run_dir, resume_step=self.start_step) if self.is_main else None
         self.cbs = CallbackList(list(callbacks))
+        # Start-up: data and model build, weights, restore, run folder (summary and callbacks: startup_s).
+        self.startup_s = time.perf_counter() - t_start
         self.cbs.on_train_start({"run_dir": str(run_dir), "total_steps": self.total, "start_step": self.start_step,
+                                 "startup_s": self.startup_s,
                                  "num_params": sum(p.numel() for p in run.student.parameters()), "rank": self.rank,
                                  "device": str(self.device)})
         self.model = run.student
@@ -232,7 +236,8 @@ class _Loop:
                 "final": self.history[-1] if self.history else {}, "train_time_s": self.train_time,
                 "wall_time_s": time.perf_counter() - self.t0,
                 "steps_per_s": (step + 1 - self.start_step) / max(self.train_time, 1e-9),
-                "data_wait_frac": self.data_time / max(self.train_time, 1e-9), "first_step_s": self.first_step_s}
+                "data_wait_frac": self.data_time / max(self.train_time, 1e-9), "first_step_s": self.first_step_s,
+                "startup_s": self.startup_s}
 
 
 def run_training(cfg: DictConfig, run_dir: str | Path | None = None, callbacks=(), resume: bool = True
