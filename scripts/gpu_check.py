@@ -29,6 +29,7 @@ import time
 
 import bench_released
 import torch
+from bench_refine import make_step
 from torch.utils.flop_counter import FlopCounterMode
 
 from s4mc.config import load_config
@@ -95,19 +96,6 @@ def batches(batch: int, crop: int, device: torch.device, seed: int = 0):
     return labeled, unlabeled
 
 
-def make_step(framework, optimizer, labeled, unlabeled, device):
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def step():
-        framework.student.train()
-        with autocast:
-            result = framework.step(labeled, unlabeled, 0.1, torch.Generator().manual_seed(0))
-        optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        optimizer.step()
-    return step
-
-
 def timed(fn, device, warmup: int, repeats: int) -> float:
     """Median seconds of fn() after warm-up."""
     for _ in range(warmup):
@@ -169,9 +157,11 @@ def count_flops(step) -> int:
 
 
 def measure(host: str, crop: int, shape: dict, device: torch.device, peak: float | None) -> dict:
-    framework, optimizer, _ = build(host, shape, device)
+    framework, optimizer, cfg = build(host, shape, device)
     labeled, unlabeled = batches(shape["batch"], crop, device)
-    step = make_step(framework, optimizer, labeled, unlabeled, device)
+    # The bench's step (bf16 autocast on CUDA by cfg.train.bf16, the EMA update of mean-teacher hosts):
+    # the trainer's step, whose throughput the check reports.
+    step = make_step(framework, optimizer, cfg, labeled, unlabeled, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     step_s = timed(step, device, shape["warmup"], shape["steps"])
