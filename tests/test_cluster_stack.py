@@ -13,10 +13,8 @@ Measured on the 2-core machine: 9-22 s to start the stack, 54-103 s for the two 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ import yaml
 
 from orchestration.postgres import pg_bin_dir, postgres
 from orchestration.services import start_mlflow_server
+from tests.test_sweep import interrupt_after
 
 pytestmark = pytest.mark.services
 
@@ -60,20 +59,6 @@ def _cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _interrupt_after_first_trial(proc: subprocess.Popen, timeout: float = 300) -> str:
-    lines, deadline = [], time.monotonic() + timeout
-    for line in proc.stdout:
-        lines.append(line)
-        if "1/3 done" in line:
-            proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves its state and returns
-            break
-        assert time.monotonic() < deadline, "".join(lines[-30:])
-    lines.extend(proc.stdout)
-    # 130 is the CLI's code for an interrupted sweep; the study is checked for unfinished trials below.
-    assert proc.wait(timeout=120) in (0, 130), "".join(lines[-40:])
-    return "".join(lines)
-
-
 def _texts(root: Path) -> dict[str, str]:
     return {str(p): p.read_bytes().decode("utf-8", "replace") for p in root.rglob("*") if p.is_file()}
 
@@ -101,7 +86,9 @@ def test_postgres_backed_sweep_resumes_and_leaks_no_secret(stack, aws_env, s3, t
            if k not in ("RAY_ADDRESS", "PGPASSWORD", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     env.update({"MLFLOW_TRACKING_URI": f"http://s4mc:{TRACKING_PASSWORD}@{host}", "RAY_AUTH_MODE": "disabled"})
     try:
-        first = _interrupt_after_first_trial(_cli(["run", "--manifest", str(path)], env))
+        # 130 is the CLI's code for an interrupted sweep; the study is checked for unfinished trials below.
+        first = interrupt_after(_cli(["run", "--manifest", str(path)], env), "1/3 done", exit_codes=(0, 130),
+                                timeout=300)
         assert _complete(pg) < 3, first[-3000:]  # the first session really stopped early
         second = _cli(["run", "--manifest", str(path), "--resume"], env)
         resumed = second.communicate(timeout=300)[0]

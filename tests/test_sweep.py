@@ -305,6 +305,21 @@ def test_trials_ran_on_both_nodes_of_the_two_node_cluster(tiny_sweep):
     assert {ip for row in result.rows for ip in row["node_ips"]} == NODE_IPS
 
 
+def interrupt_after(proc: subprocess.Popen, marker: str, exit_codes: tuple[int, ...], timeout: float) -> str:
+    """Ctrl-C a running `s4mc-sweep run` once its console shows `marker`; its whole output once it
+    has exited with one of `exit_codes` (130: interrupted)."""
+    lines, deadline = [], time.monotonic() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves its state and returns
+            break
+        assert time.monotonic() < deadline, "".join(lines[-30:])
+    lines.extend(proc.stdout)
+    assert proc.wait(timeout=120) in exit_codes, "".join(lines[-40:])
+    return "".join(lines)
+
+
 @pytest.mark.services
 def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(ray_cluster, tmp_path, mlflow_db_copy, s3,
                                                                      s3_bucket):
@@ -324,17 +339,8 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(ray_cluste
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen([sys.executable, "-m", "orchestration.cli", "run", "--manifest", str(path)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = []
     try:
-        deadline = time.monotonic() + 240
-        for line in proc.stdout:
-            log.append(line)
-            if "1/4 done" in line:
-                proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves its state and returns
-                break
-            assert time.monotonic() < deadline, "".join(log[-30:])
-        log.extend(proc.stdout)
-        assert proc.wait(timeout=120) == 130, "".join(log[-40:])
+        interrupt_after(proc, "1/4 done", exit_codes=(130,), timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
