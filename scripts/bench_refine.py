@@ -100,18 +100,17 @@ def pl_fns(cfg, overrides, probs, valid, gt, device) -> dict:
     for hood in NEIGHBOURHOODS:
         labeler = build_pseudo_labeler(load_config(cfg, overrides + [f"s4mc.neighbourhood={hood}"]), None)
         fns[f"pl_{hood}"] = lambda labeler=labeler: labeler(probs, valid, 0.1, gt=gt)
+    cooc = torch.full((probs.shape[1],), 0.9, device=device)  # E_c for the expected joint
     # The general path (k > 1, decaying weights, the expected joint), which the default sweep samples.
     for hood in ("4", "3x3", "5x5"):
         general = [f"s4mc.neighbourhood={hood}", "s4mc.k=2", "s4mc.joint=expected"]
         general += [] if hood == "4" else ["s4mc.beta=decay"]
-        cooc = torch.full((probs.shape[1],), 0.9, device=device)
         labeler = build_pseudo_labeler(load_config(cfg, overrides + general), cooc)
         fns[f"pl_{hood}_k2_expected{'' if hood == '4' else '_decay'}"] = (
             lambda labeler=labeler: labeler(probs, valid, 0.1, gt=gt))
     kind = load_config(cfg, overrides).s4mc.confidence
     _, kappa = label_and_confidence(probs, kind)
     refined = refine(probs, valid=valid)
-    cooc = torch.full((probs.shape[1],), 0.9, device=device)
     fns.update({
         "part_label_and_confidence": lambda: label_and_confidence(probs, kind),
         "part_dpa_quantile": lambda: dpa_threshold(kappa, valid, 0.36),
