@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import bench_released
 import torch
-from bench_refine import make_step
+from bench_refine import make_step, timed_many
 from torch.utils.flop_counter import FlopCounterMode
 
 from s4mc.config import load_config
@@ -54,11 +53,6 @@ TINY = {"backbone": "resnet18", "width": 0.125, "deep_stem": True, "head_channel
 
 def peak_tflops(name: str) -> float | None:
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build(host: str, shape: dict, device: torch.device):
@@ -97,17 +91,8 @@ def batches(batch: int, crop: int, device: torch.device, seed: int = 0):
 
 
 def timed(fn, device, warmup: int, repeats: int) -> float:
-    """Median seconds of fn() after warm-up."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of fn() after warm-up (the bench's timer, one function)."""
+    return timed_many({"fn": fn}, device, repeats, warmup)["fn"]["median_ms"] / 1e3
 
 
 def teacher_probs(framework, unlabeled, device) -> torch.Tensor:
