@@ -8,21 +8,29 @@ kept when its confidence -- of the refined scores if refinement is on, of the ra
 exactly the host's fixed-threshold baseline (docs/method.md §9). Both variants (with and without
 refinement) are evaluated from the same probabilities and the same gamma on every call, so one run
 yields the paper's Figure 4 curves (docs/method.md §6). Everything stays on the device: the statistics
-are 0-dim tensors and nothing here synchronises with the host.
+are 0-dim tensors and nothing here synchronises with the host. On CPU the paper-default call (3x3,
+k = 1, max selection, independent joint; max or margin confidence) runs as one fused C kernel
+(s4mc/fused_cpu.py) with the same bits, ~3.5x faster (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from . import fused_cpu
 from .confidence import CONFIDENCE_KINDS, confidence, label_and_confidence
 from .refine import check_refine_options, refine
 from .threshold import DEFAULT_ALPHA0, alpha_schedule, dpa_threshold
 from .threshold import fixed_threshold as fixed_threshold_tensor
+from .vocab import CPU_KERNELS
+
+# The refinement options the fused CPU kernel implements: the paper defaults (docs/method.md §3).
+_FUSED_OPTIONS = dict(neighbourhood="3x3", k=1, beta="one", joint="independent", selection="max")
 
 STAT_KEYS = ("pl/quantity", "pl/quality", "pl/quantity_no_refine", "pl/quality_no_refine",
              "pl/threshold", "pl/alpha")
@@ -46,7 +54,9 @@ class PseudoLabeler:
     fixed_threshold / fixed_confidence_kind: gamma and kappa used whenever DPA is off.
     alpha0: DPA's initial quantile (docs/method.md §4). neighbourhood, k, beta, joint, selection,
     cooccurrence, clamp_joint: passed to ``refine`` (docs/method.md §3). ignore_index: ground-truth value
-    excluded from the quality statistic.
+    excluded from the quality statistic. cpu_kernel: "auto" runs the paper-default call on CPU float32
+    through the fused C kernel when it builds (a warning, once, when it does not), "fused" requires it
+    (and options it implements), "eager" never uses it; the results are the same bits either way.
     """
 
     def __init__(
@@ -66,6 +76,7 @@ class PseudoLabeler:
         cooccurrence: Tensor | None = None,
         clamp_joint: bool = True,
         ignore_index: int = 255,
+        cpu_kernel: str = "auto",
     ) -> None:
         kinds = (("confidence_kind", confidence_kind), ("fixed_confidence_kind", fixed_confidence_kind))
         for name, kind in kinds:
@@ -85,6 +96,36 @@ class PseudoLabeler:
         self.refine_options = dict(neighbourhood=neighbourhood, k=k, beta=beta, joint=joint,
                                    selection=selection, cooccurrence=cooccurrence, clamp_joint=clamp_joint)
         self.ignore_index = int(ignore_index)
+        if cpu_kernel not in CPU_KERNELS:
+            raise ValueError(f"PseudoLabeler cpu_kernel={cpu_kernel!r} is not one of {CPU_KERNELS}")
+        options = dict(neighbourhood=neighbourhood, k=k, beta=beta, joint=joint, selection=selection)
+        fused_applies = options == _FUSED_OPTIONS and self.active_kind in fused_cpu.KINDS
+        if cpu_kernel == "fused" and not fused_applies:
+            raise ValueError(f"PseudoLabeler cpu_kernel='fused' implements {_FUSED_OPTIONS} with confidence "
+                             f"{tuple(fused_cpu.KINDS)}; got {options}, confidence {self.active_kind!r}")
+        self.cpu_kernel = cpu_kernel
+        self._fused: fused_cpu.FusedPseudoLabel | None = None
+        self._use_fused = fused_applies and cpu_kernel != "eager"
+        if cpu_kernel == "fused":
+            self._fused = fused_cpu.FusedPseudoLabel(fused_cpu.load())  # KernelUnavailable says why not
+
+    def __getstate__(self) -> dict:
+        # A loaded library cannot be pickled or deep-copied; a copy loads it again on first use.
+        return {**self.__dict__, "_fused": None}
+
+    def _fused_kernel(self) -> fused_cpu.FusedPseudoLabel | None:
+        """The fused kernel, built on first use under "auto"; None (and a warning, once) if it cannot be."""
+        if self._fused is None and self._use_fused:
+            try:
+                self._fused = fused_cpu.FusedPseudoLabel(fused_cpu.load())
+            except fused_cpu.KernelUnavailable as e:
+                if self.cpu_kernel == "fused":
+                    raise
+                self._use_fused = False
+                warnings.warn(f"s4mc: the fused CPU pseudo-labelling kernel is unavailable ({e}); the same "
+                              "results come from the eager path, ~3.5x slower (set s4mc.cpu_kernel=eager to "
+                              "choose it, docs/performance.md)", RuntimeWarning, stacklevel=3)
+        return self._fused
 
     @property
     def active_kind(self) -> str:
@@ -114,6 +155,10 @@ class PseudoLabeler:
         if gt is not None and tuple(gt.shape) != (B, H, W):
             raise ValueError(f"PseudoLabeler gt must have shape {(B, H, W)}, got {tuple(gt.shape)}")
         alpha_t = alpha_schedule(self.alpha0, progress)
+        if self._use_fused and probs.device.type == "cpu" and probs.dtype == torch.float32:
+            result = self._call_fused(probs, valid, alpha_t, gt)
+            if result is not None:
+                return result
         # Pseudo-labels are targets: no gradient may flow back into the teacher's output.
         with torch.no_grad():
             kind = self.active_kind
@@ -148,6 +193,23 @@ class PseudoLabeler:
                 "pl/threshold": gamma.float(),
                 "pl/alpha": alpha_stat,
             }
+        return PseudoLabels(label=label, keep=keep, stats=stats)
+
+    def _call_fused(self, probs: Tensor, valid: Tensor, alpha_t: float, gt: Tensor | None) -> PseudoLabels | None:
+        """The call through the fused kernel; None where it cannot compute it (no kernel, or probabilities
+        outside [0, 1]), and the eager path then gives the result."""
+        kernel = self._fused_kernel()
+        if kernel is None:
+            return None
+        out = kernel(probs.detach(), valid, gt, kind=self.active_kind, alpha=alpha_t if self.dpa_enabled else None,
+                     gamma_fixed=self.fixed_threshold, refine_enabled=self.refine_enabled,
+                     ignore_index=self.ignore_index)
+        if out is None:
+            return None
+        label, keep, values = out
+        alpha_stat = alpha_t if self.dpa_enabled else math.nan
+        stats = dict(zip(STAT_KEYS[:5], values, strict=True))
+        stats["pl/alpha"] = torch.full((), alpha_stat, dtype=torch.float32)
         return PseudoLabels(label=label, keep=keep, stats=stats)
 
     def _quality_terms(self, label: Tensor, gt: Tensor | None):

@@ -20,6 +20,9 @@ SELECTIONS = ("max", "min", "random")
 VOID_RULES = ("different", "exclude")  # how a void neighbour counts in the co-occurrence (docs/hosts.md)
 
 CONFIDENCE_KINDS = ("max", "entropy", "margin")  # kappa (docs/method.md §2)
+# How the CPU runs the paper-default pseudo-labelling call (docs/performance.md, "The fused CPU kernel"):
+# the fused C kernel where a compiler builds it, warning once where none does; always; or never.
+CPU_KERNELS = ("auto", "fused", "eager")
 
 # Evaluation (docs/method.md §7): whole image, centre crop, or sliding windows whose stride is 2/3 of
 # the window (the Cityscapes protocol).

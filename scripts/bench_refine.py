@@ -9,6 +9,8 @@ Not a test: it prints measured times and ratios and, with --json, writes them. I
   (scripts/bench_released.py);
 - the memory-bandwidth limit: the bytes the pseudo-labelling must read and write, and a plain copy
   moving the same number of bytes;
+- the 3x3 call both ways on CPU: through the fused C kernel (the default there, s4mc/fused_cpu.py),
+  with its scan / DPA selection / counting phases, and eager (s4mc.cpu_kernel=eager);
 - with --step-options: the step with each optimizer kernel, channels_last, and (with --compile)
   torch.compile, whose compile time is reported on its own.
 Every time is the minimum and the median of --repeats runs after warm-up; the load average (uptime)
@@ -94,8 +96,9 @@ def make_fetch(run, device):
     return fetch
 
 
-def pl_fns(cfg, overrides, probs, valid, gt, device) -> dict:
-    """The PseudoLabeler call per neighbourhood, the parts of the 3x3 call, and the released ones."""
+def pl_fns(cfg, overrides, probs, valid, gt, device) -> tuple[dict, list]:
+    """The PseudoLabeler call per neighbourhood, the 3x3 call eager and fused (with the list the fused
+    calls fill with their phase times), the parts of the eager 3x3 call, and the released ones."""
     fns = {}
     for hood in NEIGHBOURHOODS:
         labeler = build_pseudo_labeler(load_config(cfg, overrides + [f"s4mc.neighbourhood={hood}"]), None)
@@ -108,6 +111,17 @@ def pl_fns(cfg, overrides, probs, valid, gt, device) -> dict:
         labeler = build_pseudo_labeler(load_config(cfg, overrides + general), cooc)
         fns[f"pl_{hood}_k2_expected{'' if hood == '4' else '_decay'}"] = (
             lambda labeler=labeler: labeler(probs, valid, 0.1, gt=gt))
+    eager = build_pseudo_labeler(load_config(cfg, overrides + ["s4mc.neighbourhood=3x3", "s4mc.cpu_kernel=eager"]),
+                                 None)
+    fns["pl_3x3_eager"] = lambda: eager(probs, valid, 0.1, gt=gt)
+    phases = []
+    fused = build_pseudo_labeler(load_config(cfg, overrides + ["s4mc.neighbourhood=3x3"]), None)
+    fused(probs, valid, 0.1, gt=gt)  # builds the kernel where it applies
+    if fused._fused is not None:
+        def fused_call():
+            fused(probs, valid, 0.1, gt=gt)
+            phases.append(fused._fused.phase_s.tolist())
+        fns["pl_3x3_fused_phases"] = fused_call
     kind = load_config(cfg, overrides).s4mc.confidence
     _, kappa = label_and_confidence(probs, kind)
     refined = refine(probs, valid=valid)
@@ -120,7 +134,7 @@ def pl_fns(cfg, overrides, probs, valid, gt, device) -> dict:
         "released_u2pl_4_expected_np_percentile": lambda: bench_released.u2pl_expected(probs, valid, 0.36, gt,
                                                                                        cooc),
     })
-    return fns
+    return fns, phases
 
 
 def bandwidth_limit(probs, valid, gt, device, repeats) -> dict[str, float]:
@@ -211,8 +225,11 @@ def main() -> None:
         probs = run.teacher.eval()(unlabeled["weak"]).float().softmax(1)
     valid, gt = unlabeled["valid"], unlabeled["gt"]
     res["shape"] = list(probs.shape)
-    res["pseudo_label"] = timed_many(pl_fns(args.config, args.overrides, probs, valid, gt, device), device,
-                                     args.repeats)
+    fns, phases = pl_fns(args.config, args.overrides, probs, valid, gt, device)
+    res["pseudo_label"] = timed_many(fns, device, args.repeats)
+    if phases:  # the least of each phase over the timed calls, like every other figure here
+        res["fused_phases_min_ms"] = {name: min(p[i] for p in phases) * 1e3
+                                            for i, name in enumerate(("scan", "dpa_selection", "counting"))}
     res["bandwidth"] = bandwidth_limit(probs, valid, gt, device, args.repeats)
     if args.step_options:
         res["step_options"] = step_options(run, labeled, unlabeled, device, steps, args.compile)
@@ -240,6 +257,12 @@ def report(res: dict, cfg) -> None:
     bw = res["bandwidth"]
     print(f"bandwidth: {bw['state_bytes'] / 1e6:.2f} MB to read + write, copy {bw['bandwidth_GBps']:.1f} GB/s "
           f"-> limit {bw['limit_ms']:.3f} ms; the 3x3 call takes {three / bw['limit_ms']:.0f}x the limit")
+    if "fused_phases_min_ms" in res:
+        ph, eager = res["fused_phases_min_ms"], pl["pl_3x3_eager"]["min_ms"]
+        print(f"3x3 call: fused {three:.3f} ms = {three / bw['limit_ms']:.1f}x the limit, eager {eager:.3f} ms "
+              f"({eager / three:.1f}x the fused); in the kernel: scan (refinement, label, both confidences) "
+              f"{ph['scan']:.3f} ms = {ph['scan'] / bw['limit_ms']:.1f}x the limit, DPA selection "
+              f"{ph['dpa_selection']:.3f} ms, counting {ph['counting']:.3f} ms")
     for name, t in res.get("step_options", {}).items():
         extra = f", first step (compiling) {t['first_step_s']:.1f} s" if "first_step_s" in t else ""
         print(f"  step {name:>30}: min {t['min_ms']:.2f} ms (median {t['median_ms']:.2f}){extra}")

@@ -79,7 +79,7 @@ def build_pseudo_labeler(cfg: DictConfig, cooccurrence: torch.Tensor | None) -> 
         confidence_kind=s.confidence, fixed_threshold=cfg.host.threshold,
         fixed_confidence_kind=cfg.host.threshold_confidence, alpha0=s.alpha0,
         neighbourhood=s.neighbourhood, k=s.k, beta=s.beta, joint=s.joint, selection=s.selection,
-        cooccurrence=cooccurrence, clamp_joint=s.clamp_joint)
+        cooccurrence=cooccurrence, clamp_joint=s.clamp_joint, cpu_kernel=s.cpu_kernel)
 
 
 def resolve_student_photometric(cfg: DictConfig) -> bool:
