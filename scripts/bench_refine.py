@@ -9,7 +9,8 @@ Not a test: it prints measured times and ratios and, with --json, writes them. I
   (scripts/bench_released.py);
 - the memory-bandwidth limit: the bytes the pseudo-labelling must read and write, and a plain copy
   moving the same number of bytes;
-- the 3x3 call both ways on CPU: through the fused C kernel (the default there, s4mc/fused_cpu.py),
+- the 3x3 call both ways on CPU: through the fused C kernel (the default there, s4mc/fused_cpu.py; its
+  portable body too where the AVX-512 one is built),
   with its scan / DPA selection / counting phases, and eager (s4mc.cpu_kernel=eager);
 - with --step-options: the step with each optimizer kernel, channels_last, and (with --compile)
   torch.compile, whose compile time is reported on its own.
@@ -33,6 +34,7 @@ import time
 import bench_released
 import torch
 
+from s4mc import fused_cpu
 from s4mc.confidence import confidence, label_and_confidence
 from s4mc.config import load_config
 from s4mc.frameworks.base import ema_update
@@ -122,6 +124,10 @@ def pl_fns(cfg, overrides, probs, valid, gt, device) -> tuple[dict, list]:
             fused(probs, valid, 0.1, gt=gt)
             phases.append(fused._fused.phase_s.tolist())
         fns["pl_3x3_fused_phases"] = fused_call
+        if fused._fused.variant == "avx512":  # what a CPU without AVX-512 runs, on the same tensors
+            portable = build_pseudo_labeler(load_config(cfg, overrides + ["s4mc.neighbourhood=3x3"]), None)
+            portable._fused = fused_cpu.FusedPseudoLabel(fused_cpu.load(portable=True))
+            fns["pl_3x3_fused_portable"] = lambda: portable(probs, valid, 0.1, gt=gt)
     kind = load_config(cfg, overrides).s4mc.confidence
     _, kappa = label_and_confidence(probs, kind)
     refined = refine(probs, valid=valid)
@@ -134,7 +140,7 @@ def pl_fns(cfg, overrides, probs, valid, gt, device) -> tuple[dict, list]:
         "released_u2pl_4_expected_np_percentile": lambda: bench_released.u2pl_expected(probs, valid, 0.36, gt,
                                                                                        cooc),
     })
-    return fns, phases
+    return fns, phases, (fused._fused.variant if fused._fused is not None else None)
 
 
 def bandwidth_limit(probs, valid, gt, device, repeats) -> dict[str, float]:
@@ -225,7 +231,7 @@ def main() -> None:
         probs = run.teacher.eval()(unlabeled["weak"]).float().softmax(1)
     valid, gt = unlabeled["valid"], unlabeled["gt"]
     res["shape"] = list(probs.shape)
-    fns, phases = pl_fns(args.config, args.overrides, probs, valid, gt, device)
+    fns, phases, res["fused_variant"] = pl_fns(args.config, args.overrides, probs, valid, gt, device)
     res["pseudo_label"] = timed_many(fns, device, args.repeats)
     if phases:  # the least of each phase over the timed calls, like every other figure here
         res["fused_phases_min_ms"] = {name: min(p[i] for p in phases) * 1e3
@@ -259,7 +265,8 @@ def report(res: dict, cfg) -> None:
           f"-> limit {bw['limit_ms']:.3f} ms; the 3x3 call takes {three / bw['limit_ms']:.0f}x the limit")
     if "fused_phases_min_ms" in res:
         ph, eager = res["fused_phases_min_ms"], pl["pl_3x3_eager"]["min_ms"]
-        print(f"3x3 call: fused {three:.3f} ms = {three / bw['limit_ms']:.1f}x the limit, eager {eager:.3f} ms "
+        print(f"3x3 call: fused ({res['fused_variant']} body) {three:.3f} ms = {three / bw['limit_ms']:.1f}x the "
+              f"limit, eager {eager:.3f} ms "
               f"({eager / three:.1f}x the fused); in the kernel: scan (refinement, label, both confidences) "
               f"{ph['scan']:.3f} ms = {ph['scan'] / bw['limit_ms']:.1f}x the limit, DPA selection "
               f"{ph['dpa_selection']:.3f} ms, counting {ph['counting']:.3f} ms")

@@ -4,6 +4,7 @@ bit, on random, saturated, tied and masked inputs, with DPA and with a fixed thr
 refinement and ground truth; where it cannot compute, the eager path answers, and "fused" says why."""
 
 import math
+import struct
 import subprocess
 import sys
 import warnings
@@ -25,11 +26,19 @@ def kernel_cache(tmp_path_factory):
     fused_cpu.load.cache_clear()
 
 
-def _inputs(seed, B=3, C=6, H=9, W=37, saturate=False, quantise=False, invalid=0.2):
+def _inputs(seed, B=3, C=6, H=9, W=37, saturate=False, quantise=False, invalid=0.2, uniform=False,
+            negative_zero=False, zero_pixels=0.0):
     g = torch.Generator().manual_seed(seed)
     probs = (torch.randn(B, C, H, W, generator=g) * (12 if saturate else 3)).softmax(1)
     if quantise:  # many exact ties between classes, neighbours and confidences
         probs = (probs * 4).round() / 4
+    if uniform:  # every confidence equal: the DPA selection has one distinct key
+        probs = torch.full_like(probs, 1.0 / C)
+    if zero_pixels:  # pixels whose every class is 0, so their confidence (and the DPA quantile) is 0
+        probs = probs * (torch.rand(B, 1, H, W, generator=g) >= zero_pixels)
+    if negative_zero:  # -0.0 is in [0, 1]; maxima of +0 and -0 depend on the order they are taken in
+        sign = torch.rand(B, C, H, W, generator=g) < 0.5
+        probs = torch.where((probs == 0) & sign, torch.tensor(-0.0), probs.abs())
     valid = torch.rand(B, H, W, generator=g) >= invalid
     gt = torch.randint(0, C, (B, H, W), generator=g)
     gt[torch.rand(B, H, W, generator=g) < 0.1] = 255
@@ -39,28 +48,50 @@ def _inputs(seed, B=3, C=6, H=9, W=37, saturate=False, quantise=False, invalid=0
 def _same(a, b):
     assert torch.equal(a.label, b.label), "label differs"
     assert torch.equal(a.keep, b.keep), "keep differs"
-    for key in STAT_KEYS:
+    for key in STAT_KEYS:  # the bits, so that -0.0 and +0.0 differ; any NaN equals any NaN
         x, y = float(a.stats[key]), float(b.stats[key])
-        assert x == y or (math.isnan(x) and math.isnan(y)), f"{key}: {x!r} != {y!r}"
+        same_bits = struct.pack("<f", x) == struct.pack("<f", y)
+        assert same_bits or (math.isnan(x) and math.isnan(y)), f"{key}: {x!r} != {y!r}"
 
 
+# Widths around the AVX-512 body's 16-pixel strips (15, 16, 17, 37, 64, 130) and 1 x 1 images.
 CASES = [dict(), dict(saturate=True), dict(quantise=True), dict(invalid=0.9), dict(B=1, C=2, H=1, W=1),
-         dict(H=64, W=64, C=11), dict(H=2, W=130, C=3)]
+         dict(H=64, W=64, C=11), dict(H=2, W=130, C=3), dict(H=3, W=16, C=4), dict(H=5, W=17, C=5),
+         dict(H=4, W=15, C=3, saturate=True), dict(uniform=True), dict(quantise=True, negative_zero=True),
+         dict(negative_zero=True, zero_pixels=0.6)]
+BODIES = ["native", "portable"]
 
 
+def _labeler(body, **options):
+    """A fused PseudoLabeler whose kernel is the native build (AVX-512 where the CPU has it) or the
+    plain-C body, which CPUs without AVX-512 run."""
+    labeler = PseudoLabeler(cpu_kernel="fused", **options)
+    if body == "portable":
+        labeler._fused = fused_cpu.FusedPseudoLabel(fused_cpu.load(portable=True))
+    return labeler
+
+
+@pytest.mark.parametrize("body", BODIES)
 @pytest.mark.parametrize("kind", ["margin", "max"])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("switches", [dict(), dict(refine_enabled=False), dict(dpa_enabled=False),
                                       dict(refine_enabled=False, dpa_enabled=False)])
-def test_fused_equals_eager(kind, case, switches):
+def test_fused_equals_eager(body, kind, case, switches):
     kinds = dict(confidence_kind=kind, fixed_confidence_kind=kind, fixed_threshold=0.55)
-    fused = PseudoLabeler(cpu_kernel="fused", **kinds, **switches)
+    fused = _labeler(body, **kinds, **switches)
     eager = PseudoLabeler(cpu_kernel="eager", **kinds, **switches)
     for seed in range(3):
         probs, valid, gt = _inputs(seed, **case)
         for progress in (0.0, 0.3, 1.0):
             for g in (gt, None):
                 _same(eager(probs, valid, progress, gt=g), fused(probs, valid, progress, gt=g))
+
+
+def test_the_native_build_takes_the_avx512_body_where_the_cpu_has_it():
+    flags = set(fused_cpu._cpu_flags().split())
+    native = fused_cpu.FusedPseudoLabel(fused_cpu.load()).variant
+    assert native == ("avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else "portable")
+    assert fused_cpu.FusedPseudoLabel(fused_cpu.load(portable=True)).variant == "portable"
 
 
 def test_the_fused_path_is_taken_and_the_comparison_can_fail():
@@ -73,28 +104,33 @@ def test_the_fused_path_is_taken_and_the_comparison_can_fail():
         _same(PseudoLabeler(cpu_kernel="eager", neighbourhood="5x5")(probs, valid, 0.3, gt=gt), out)
 
 
-def test_no_valid_pixel_keeps_nothing_with_an_infinite_threshold():
+@pytest.mark.parametrize("body", BODIES)
+def test_no_valid_pixel_keeps_nothing_with_an_infinite_threshold(body):
     probs, valid, gt = _inputs(0)
     valid[:] = False
-    got = PseudoLabeler(cpu_kernel="fused")(probs, valid, 0.0, gt=gt)
+    got = _labeler(body)(probs, valid, 0.0, gt=gt)
     _same(PseudoLabeler(cpu_kernel="eager")(probs, valid, 0.0, gt=gt), got)
     assert float(got.stats["pl/threshold"]) == math.inf and not got.keep.any()
 
 
-def test_probabilities_outside_the_unit_interval_go_the_eager_way():
+@pytest.mark.parametrize("body", BODIES)
+@pytest.mark.parametrize("where, value", [((0, 0, 0, 0), math.nan), ((1, 1, 1, 1), 1.5), ((2, 5, 8, 36), -0.5),
+                                          ((1, 2, 3, 4), -0.0), ((0, 0, 0, 0), math.inf)])
+def test_probabilities_outside_the_unit_interval_go_the_eager_way(body, where, value):
     probs, valid, gt = _inputs(2)
-    probs[0, 0, 0, 0] = math.nan
-    probs[1, 1, 1, 1] = 1.5
-    _same(PseudoLabeler(cpu_kernel="eager")(probs, valid, 0.3, gt=gt),
-          PseudoLabeler(cpu_kernel="fused")(probs, valid, 0.3, gt=gt))
+    probs[where] = value  # the last pixel of the last class of the last image too
+    labeler = _labeler(body)
+    assert labeler._fused(probs, valid, gt, kind="margin", alpha=0.3, gamma_fixed=0.0, refine_enabled=True,
+                          ignore_index=255) is None  # the kernel reports it
+    _same(PseudoLabeler(cpu_kernel="eager")(probs, valid, 0.3, gt=gt), labeler(probs, valid, 0.3, gt=gt))
 
 
-def test_non_contiguous_probabilities_and_uint8_ground_truth():
+@pytest.mark.parametrize("body", BODIES)
+def test_non_contiguous_probabilities_and_uint8_ground_truth(body):
     probs, valid, gt = _inputs(3, W=40)
     probs = probs[..., 1:39]
     valid, gt = valid[..., 1:39], gt[..., 1:39].to(torch.uint8)
-    _same(PseudoLabeler(cpu_kernel="eager")(probs, valid, 0.3, gt=gt),
-          PseudoLabeler(cpu_kernel="fused")(probs, valid, 0.3, gt=gt))
+    _same(PseudoLabeler(cpu_kernel="eager")(probs, valid, 0.3, gt=gt), _labeler(body)(probs, valid, 0.3, gt=gt))
 
 
 @pytest.mark.parametrize("options, match", [
