@@ -27,7 +27,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check(probs: Tensor, kind: str) -> None:
+def check_confidence_input(probs: Tensor, kind: str) -> None:
+    """ValueError naming the problem unless ``probs`` (B x C x H x W, floating) can give ``kind``; the
+    fused CPU kernel's callers check with it too, so both paths refuse the same input."""
     if kind not in CONFIDENCE_KINDS:
         raise ValueError(f"confidence kind={kind!r} is not one of {CONFIDENCE_KINDS}")
     if not isinstance(probs, Tensor) or probs.dim() != 4:
@@ -89,7 +91,7 @@ def confidence(probs: Tensor, kind: str) -> Tensor:
       * ``"entropy"`` -- sum_c p_c log p_c (= -H, so larger = more confident); 0 log 0 = 0
       * ``"margin"``  -- top1_c p_c - top2_c p_c (needs C >= 2)
     """
-    _check(probs, kind)
+    check_confidence_input(probs, kind)
     return _kappa(probs.to(_compute_dtype(probs.dtype)), kind, want_label=False)[1]
 
 
@@ -99,6 +101,6 @@ def label_and_confidence(probs: Tensor, kind: str) -> tuple[Tensor, Tensor]:
     Promoting bf16 / fp16 to float32 is exact, so the argmax of the promoted scores is that of
     ``probs`` (ties included).
     """
-    _check(probs, kind)
+    check_confidence_input(probs, kind)
     label, kappa = _kappa(probs.to(_compute_dtype(probs.dtype)), kind, want_label=True)
     return label, kappa

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import fused_cpu
-from .confidence import CONFIDENCE_KINDS, confidence, label_and_confidence
+from .confidence import CONFIDENCE_KINDS, check_confidence_input, confidence, label_and_confidence
 from .refine import check_refine_options, refine
 from .threshold import DEFAULT_ALPHA0, alpha_schedule, dpa_threshold
 from .threshold import fixed_threshold as fixed_threshold_tensor
@@ -157,6 +157,7 @@ class PseudoLabeler:
             raise ValueError(f"PseudoLabeler gt must have shape {(B, H, W)}, got {tuple(gt.shape)}")
         alpha_t = alpha_schedule(self.alpha0, progress)
         if self._use_fused and probs.device.type == "cpu" and probs.dtype == torch.float32:
+            check_confidence_input(probs, self.active_kind)  # the eager path's errors (margin needs C >= 2)
             result = self._call_fused(probs, valid, alpha_t, gt)
             if result is not None:
                 return result

@@ -125,6 +125,14 @@ def test_probabilities_outside_the_unit_interval_go_the_eager_way(body, where, v
     _same(PseudoLabeler(cpu_kernel="eager")(probs, valid, 0.3, gt=gt), labeler(probs, valid, 0.3, gt=gt))
 
 
+@pytest.mark.parametrize("C, kind, match", [(1, "margin", "needs at least 2 classes"), (0, "max", "C = 0")])
+def test_too_few_classes_are_refused_as_the_eager_path_refuses_them(C, kind, match):
+    probs, valid, gt = torch.full((2, C, 4, 5), 1.0), torch.ones(2, 4, 5, dtype=torch.bool), None
+    for cpu_kernel in ("eager", "fused"):
+        with pytest.raises(ValueError, match=match):
+            PseudoLabeler(cpu_kernel=cpu_kernel, confidence_kind=kind)(probs, valid, 0.3, gt=gt)
+
+
 @pytest.mark.parametrize("body", BODIES)
 def test_non_contiguous_probabilities_and_uint8_ground_truth(body):
     probs, valid, gt = _inputs(3, W=40)
