@@ -8,8 +8,8 @@
  * in registers and takes the neighbour maxima from a three-row ring of row maxima that stays in L1;
  * its DPA quantile is a bisection on the keys counted sixteen at a time, and its counting is
  * vectorised too. Elsewhere (or built with -DS4MC_PORTABLE, which the tests also do) plain loops that
- * the compiler vectorises do the same with per-image row maxima and a radix selection. s4mc/fused_cpu.py compiles
- * and loads it; s4mc/pseudo_label.py uses it where it applies.
+ * the compiler vectorises do the same with per-image row maxima and a radix selection.
+ * s4mc/fused_cpu.py compiles and loads it; s4mc/pseudo_label.py uses it where it applies.
  *
  * Every output equals the eager path's bit for bit (tests/test_fused_cpu.py, both bodies, on random,
  * tied, saturated and masked inputs): maxima and minima select values (x86 max(a, b) is a > b ? a : b,
@@ -150,10 +150,16 @@ static float select_rank(const float *R kappa, const uint8_t *R valid, int64_t n
     return key_value(top << 21 | mid << 10 | low);
 }
 
-/* Scratch: (H+2) (W+2) + 2 C (H+2) W + 5 W floats, then 4 x 2048 + 2 B H W uint32. */
+/* Scratch: the scan's buffers, (H+2) (W+2) + 2 C (H+2) W + 5 W floats (row_floats), then the
+ * selection's 4 x 2048 + 2 B H W uint32. */
+static int64_t row_floats(int64_t C, int64_t H, int64_t W)
+{
+    return (H + 2) * (W + 2) + 2 * C * (H + 2) * W + 5 * W;
+}
+
 static int64_t scratch_floats(int64_t B, int64_t C, int64_t H, int64_t W)
 {
-    return (H + 2) * (W + 2) + 2 * C * (H + 2) * W + 5 * W + 4 * 2048 + 2 * B * H * W;
+    return row_floats(C, H, W) + 4 * 2048 + 2 * B * H * W;
 }
 
 /* label and both confidences of every pixel, and the number of valid pixels; 1 if some p is not in [+0, 1]. */
@@ -218,8 +224,8 @@ static int scan(const float *R p, const uint8_t *R valid, int64_t B, int64_t C, 
 static float select_quantile(const float *R kappa_raw, const uint8_t *R valid, int64_t n, int64_t n_valid,
                              int64_t rank, float *R scratch, int64_t B, int64_t C, int64_t H, int64_t W)
 {
-    (void)n_valid;
-    uint32_t *hist = (uint32_t *)(scratch + scratch_floats(B, C, H, W) - 4 * 2048 - 2 * n);
+    (void)n_valid; (void)B;
+    uint32_t *hist = (uint32_t *)(scratch + row_floats(C, H, W));
     return select_rank(kappa_raw, valid, n, rank, hist, hist + 4 * 2048, hist + 4 * 2048 + n);
 }
 

@@ -12,10 +12,16 @@
 
 static inline int64_t strips(int64_t W) { return (W + LANES - 1) / LANES; }
 
+/* Three ring slots of 2 C rows and one zero row; the keys start after them. */
+static inline int64_t ring_floats(int64_t C, int64_t W)
+{
+    return (6 * C + 1) * LANES * strips(W);
+}
+
 static int64_t scratch_floats(int64_t B, int64_t C, int64_t H, int64_t W)
 {
-    /* three ring slots of 2 C rows, one zero row, the keys, and two mask arrays of strips + 1 entries */
-    return (6 * C + 1) * LANES * strips(W) + B * H * W + strips(W) + 1;
+    /* the ring, the keys, and two mask arrays of strips + 1 entries */
+    return ring_floats(C, W) + B * H * W + strips(W) + 1;
 }
 
 static inline __mmask16 lanes_of(int64_t left)  /* the first min(left, 16) lanes, none if left <= 0 */
@@ -113,7 +119,7 @@ static int scan(const float *R p, const uint8_t *R valid, int64_t B, int64_t C, 
 {
     const int64_t NV = strips(W), WS = LANES * NV, HW = H * W, slot = 2 * C * WS;
     float *ring = scratch, *zero = ring + 3 * slot;
-    uint32_t *keys = (uint32_t *)(zero + WS);
+    uint32_t *keys = (uint32_t *)(scratch + ring_floats(C, W));
     __mmask16 *lm = (__mmask16 *)(keys + B * HW), *vm = lm + NV + 1;
     __mmask16 bad = 0;
     int64_t nv = 0;
@@ -190,7 +196,7 @@ static float select_quantile(const float *R kappa_raw, const uint8_t *R valid, i
                              int64_t rank, float *R scratch, int64_t B, int64_t C, int64_t H, int64_t W)
 {
     (void)kappa_raw; (void)valid; (void)n; (void)B; (void)H;  /* scan left the valid keys in the scratch */
-    uint32_t *keys = (uint32_t *)(scratch + (6 * C + 1) * LANES * strips(W));
+    uint32_t *keys = (uint32_t *)(scratch + ring_floats(C, W));
     int64_t m = n_valid;
     __m512i lo_v = _mm512_set1_epi32(-1), hi_v = _mm512_setzero_si512();
     for (int64_t i = 0; i < m; i += LANES) {
