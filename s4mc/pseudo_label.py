@@ -124,7 +124,7 @@ class PseudoLabeler:
                     raise
                 self._use_fused = False
                 warnings.warn(f"s4mc: the fused CPU pseudo-labelling kernel is unavailable ({e}); the same "
-                              "results come from the eager path, 4.5-9x slower (set s4mc.cpu_kernel=eager to "
+                              "results come from the eager path, 4-9x slower (set s4mc.cpu_kernel=eager to "
                               "choose it, docs/performance.md)", RuntimeWarning, stacklevel=3)
         return self._fused
 

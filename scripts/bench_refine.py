@@ -201,6 +201,27 @@ def step_options(run, labeled, unlabeled, device, repeats, compile_too: bool) ->
     return out
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name, family and model number from /proc/cpuinfo (Linux), for comparing runs
+    across machines (a VM may name only "AMD EPYC"): the same kernel's DPA selection took 0.013 ms
+    on one session's machine and 0.059 ms on the next's (docs/performance.md)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if not key:  # the end of the first processor's block
+                    break
+                fields.setdefault(key, value.strip())
+    except OSError:
+        return None
+    name = fields.get("model name")
+    if name and "cpu family" in fields and "model" in fields:
+        return f"{name} (family {fields['cpu family']}, model {fields['model']})"
+    return name
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="experiments/embedded/cutmix_seg_s4mc.yaml")
@@ -219,8 +240,9 @@ def main() -> None:
     run = build_run(cfg, device)
     labeled = {k: v.to(device) for k, v in next(iter(run.labeled_loader(0))).items()}
     unlabeled = {k: v.to(device) for k, v in next(iter(run.unlabeled_loader(0))).items()}
-    res: dict = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                 "config": args.config, "overrides": args.overrides, "repeats": args.repeats}
+    res: dict = {"device": str(device), "cpu": cpu_model(), "threads": torch.get_num_threads(),
+                 "torch": torch.__version__, "config": args.config, "overrides": args.overrides,
+                 "repeats": args.repeats}
     steps = max(5, args.repeats // 2)
     step_fn = make_step(run.framework, run.optimizer, cfg, labeled, unlabeled, device)
     t = timed_many({"step": step_fn, "data_fetch": make_fetch(run, device)}, device, steps)
@@ -249,7 +271,8 @@ def main() -> None:
 def report(res: dict, cfg) -> None:
     b, c, h, w = res["shape"]
     step = res["step"]["min_ms"]
-    print(f"device {res['device']} ({res['threads']} threads) | host {cfg.host.name} | model "
+    print(f"device {res['device']} ({res['threads']} threads; {res.get('cpu') or 'CPU model unknown'}) | host "
+          f"{cfg.host.name} | model "
           f"{cfg.model.backbone} x{cfg.model.width} | teacher probs {b}x{c}x{h}x{w} | "
           f"load {res['loadavg_before'][0]:.2f} -> {res['loadavg_after'][0]:.2f}")
     print(f"training step: min {step:.1f} ms, median {res['step']['median_ms']:.1f} ms | data fetch "

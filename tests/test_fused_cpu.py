@@ -115,13 +115,25 @@ def test_no_valid_pixel_keeps_nothing_with_an_infinite_threshold(body):
 
 @pytest.mark.parametrize("body", BODIES)
 @pytest.mark.parametrize("where, value", [((0, 0, 0, 0), math.nan), ((1, 1, 1, 1), 1.5), ((2, 5, 8, 36), -0.5),
-                                          ((1, 2, 3, 4), -0.0), ((0, 0, 0, 0), math.inf)])
+                                          ((1, 2, 3, 4), -0.0), ((0, 0, 0, 0), math.inf),
+                                          ((1, 3, 2, 7), 1.0 + 2.0 ** -23)])  # the float32 after 1
 def test_probabilities_outside_the_unit_interval_go_the_eager_way(body, where, value):
     probs, valid, gt = _inputs(2)
     probs[where] = value  # the last pixel of the last class of the last image too
     labeler = _labeler(body)
     assert labeler._fused(probs, valid, gt, kind="margin", alpha=0.3, gamma_fixed=0.0, refine_enabled=True,
                           ignore_index=255) is None  # the kernel reports it
+    _same(PseudoLabeler(cpu_kernel="eager")(probs, valid, 0.3, gt=gt), labeler(probs, valid, 0.3, gt=gt))
+
+
+@pytest.mark.parametrize("body", BODIES)
+def test_the_ends_of_the_unit_interval_stay_in_the_kernel(body):
+    probs, valid, gt = _inputs(2)
+    probs[0, :, 0, 0], probs[0, 3, 0, 0] = 0.0, 1.0  # +0 and 1 exactly, in the first strip
+    probs[1, :, 5, 9], probs[1, 0, 5, 9] = 0.0, 1.0
+    labeler = _labeler(body)
+    assert labeler._fused(probs, valid, gt, kind="margin", alpha=0.3, gamma_fixed=0.0, refine_enabled=True,
+                          ignore_index=255) is not None
     _same(PseudoLabeler(cpu_kernel="eager")(probs, valid, 0.3, gt=gt), labeler(probs, valid, 0.3, gt=gt))
 
 
