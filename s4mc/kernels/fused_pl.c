@@ -13,7 +13,8 @@
  *
  * Every output equals the eager path's bit for bit (tests/test_fused_cpu.py, both bodies, on random,
  * tied, saturated and masked inputs): maxima and minima select values (x86 max(a, b) is a > b ? a : b,
- * as vmax below), p + m - p m is rounded as three operations (built with -ffp-contract=off), the DPA
+ * as vmax below; the AVX-512 body takes them on the bits as unsigned integers, which order [+0, 1] as
+ * floats do), p + m - p m is rounded as three operations (built with -ffp-contract=off), the DPA
  * quantile is an order statistic and the ratios are the same float32 divisions of exact counts. Input
  * outside [+0, 1] (NaN, and -0.0, whose order against +0.0 is the sorting algorithm's choice, included)
  * is reported, and the caller computes that call eagerly. Because probabilities are then >= +0 and the
