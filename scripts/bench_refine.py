@@ -271,8 +271,8 @@ def main() -> None:
 def report(res: dict, cfg) -> None:
     b, c, h, w = res["shape"]
     step = res["step"]["min_ms"]
-    print(f"device {res['device']} ({res['threads']} threads; {res.get('cpu') or 'CPU model unknown'}) | host "
-          f"{cfg.host.name} | model "
+    cpu = res.get("cpu") or "CPU model unknown"
+    print(f"device {res['device']} ({res['threads']} threads; {cpu}) | host {cfg.host.name} | model "
           f"{cfg.model.backbone} x{cfg.model.width} | teacher probs {b}x{c}x{h}x{w} | "
           f"load {res['loadavg_before'][0]:.2f} -> {res['loadavg_after'][0]:.2f}")
     print(f"training step: min {step:.1f} ms, median {res['step']['median_ms']:.1f} ms | data fetch "

@@ -5,8 +5,8 @@
  * scores in [+0, 1] as unsigned integers. Then the AVX-512 body's class step
  * (s4mc/kernels/fused_pl_avx512.h, emit_row) on values held in registers, in the kernel's integer form
  * and in the float form it replaced: its arithmetic alone, without loads, ring or row ends. The clock
- * is estimated from a chain of dependent integer adds (one per cycle). x86-64 with AVX-512 only (build with -march=native);
- * scripts/fused_kernel_count.sh builds and runs it. The training path does not use this file. */
+ * is estimated from a chain of dependent integer adds (one per cycle). x86-64 with AVX-512 only (build
+ * with -march=native); scripts/fused_kernel_count.sh builds and runs it. The training path does not use this file. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdio.h>
@@ -33,12 +33,14 @@ static void rate(const char *name, double per_s, double ghz)
     op " %%" r "16,%%" r "6,%%" r "6\n" op " %%" r "16,%%" r "7,%%" r "7\n" op " %%" r "16,%%" r "8,%%" r "8\n" \
     op " %%" r "16,%%" r "9,%%" r "9\n" op " %%" r "16,%%" r "10,%%" r "10\n" op " %%" r "16,%%" r "11,%%" r "11\n"
 #define CLOBBER "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm16"
-#define PER_CYCLE(name, body)                                                             \
+/* N runs of an asm body of twelve operations, with the registers it clobbers */
+#define TIMED(name, body, ...)                                                            \
     do {                                                                                  \
         double t = now();                                                                 \
-        for (long n = 0; n < N; n++) __asm__ volatile(body ::: CLOBBER);                  \
+        for (long n = 0; n < N; n++) __asm__ volatile(body ::: __VA_ARGS__);              \
         rate(name, 12.0 * N / (now() - t), ghz);                                          \
     } while (0)
+#define PER_CYCLE(name, body) TIMED(name, body, CLOBBER)
 
 /* emit_row's class loop, operation for operation, with the neighbour rows and p in registers: the
  * kernel's integer form (maxima, minima and the argmax compare on the bits) */
@@ -141,12 +143,7 @@ static void l1_throughput(double ghz)
 #define K6(op) op " %%zmm16,%%zmm0,%%k1\n" op " %%zmm16,%%zmm1,%%k2\n" op " %%zmm16,%%zmm2,%%k3\n" \
     op " %%zmm16,%%zmm3,%%k4\n" op " %%zmm16,%%zmm4,%%k5\n" op " %%zmm16,%%zmm5,%%k6\n"
 #define CLOBBER_K "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm16", "k1", "k2", "k3", "k4", "k5", "k6"
-#define COMPARES_PER_CYCLE(name, body)                                                    \
-    do {                                                                                  \
-        double t = now();                                                                 \
-        for (long n = 0; n < N; n++) __asm__ volatile(body body ::: CLOBBER_K);           \
-        rate(name, 12.0 * N / (now() - t), ghz);                                          \
-    } while (0)
+#define COMPARES_PER_CYCLE(name, body) TIMED(name, body body, CLOBBER_K)
 
 int main(void)
 {
